@@ -1,0 +1,1 @@
+"""Shipped YAML configs (package data). ``kdtune ls`` lists them."""

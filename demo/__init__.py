@@ -1,0 +1,1 @@
+"""The embedded default task: a synthetic corpus with known next-token distributions."""
