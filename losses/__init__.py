@@ -21,16 +21,15 @@ from kdtune.losses.chunked import (
     tvd_loss,
 )
 from kdtune.losses.divergences import DIVERGENCES, get_divergence
-
-# Fused loss (owner: fused helper): add
-#   from kdtune.losses.fused import FusedKDOutput, FusedLinearKDLoss
-# here and "FusedKDOutput", "FusedLinearKDLoss" to __all__ below.
+from kdtune.losses.fused import FusedKDOutput, FusedLinearKDLoss
 
 __all__ = [
     "DIVERGENCES",
     "CEWithChunkedOutputLoss",
     "ChunkedKDLoss",
     "ForwardKLWithChunkedOutputLoss",
+    "FusedKDOutput",
+    "FusedLinearKDLoss",
     "JSDWithChunkedOutputLoss",
     "ReverseKLWithChunkedOutputLoss",
     "SkewForwardKLWithChunkedOutputLoss",
