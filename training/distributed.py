@@ -71,11 +71,13 @@ __all__ = [
     "apply_activation_checkpointing",
     "apply_compile",
     "barrier",
+    "broadcast_object",
     "build_dataloader",
     "clip_grad_norm_",
     "gather_from_ranks",
     "gather_full_optimizer_state_dict",
     "gather_full_state_dict",
+    "gather_objects",
     "init_distributed",
     "is_distributed",
     "is_main_process",
@@ -200,6 +202,30 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
     return summed
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj`` in rank order, on every rank (``[obj]`` in one process).
+
+    For small per-rank state saved by rank 0 (random-generator states). A collective.
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's picklable ``obj`` on every rank (``obj`` itself in one process).
+
+    Lets rank 0 alone read a file (a checkpoint's training state) and share what it read, so
+    the other ranks need neither the file nor the memory for its large parts. A collective;
+    the other ranks' ``obj`` is ignored (pass None).
+    """
+    if not is_distributed():
+        return obj
+    return _broadcast_object(obj)
 
 
 def gather_from_ranks(value: float) -> list[float]:
@@ -608,6 +634,16 @@ def load_full_optimizer_state_dict(
     # DSD rewrites the containers it is given, and the optimizer may keep 0-dim tensors (Adam's
     # `step`) as they are and update them in place: copy both, share the large tensors.
     to_load = _copy_tree(full_state_dict, lambda t: t.dim() == 0) if holds_data else {}
+    # DSD (torch 2.13) fails with a KeyError on a param-group key the saved state has and the
+    # live optimizer lacks (a scheduler's `initial_lr`): add such keys first; DSD then loads
+    # the saved values.
+    saved_groups = to_load.get("param_groups") if holds_data else None
+    if is_distributed() and broadcast_from_rank0:
+        saved_groups = _broadcast_object(saved_groups)
+    for group, saved in zip(optimizer.param_groups, saved_groups or []):
+        for key, value in saved.items():
+            if key != "params":
+                group.setdefault(key, value)
     options = StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=is_distributed() and broadcast_from_rank0
     )
@@ -727,4 +763,8 @@ def build_dataloader(
         sampler=sampler,
         collate_fn=collate_fn,
         drop_last=drop_last,
+        # Its own generator: a DataLoader draws a base seed from its generator whenever an
+        # iterator starts; drawing from the global one would shift the training's random
+        # stream (dropout) whenever a resumed run starts its iterator mid-epoch.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -1,0 +1,241 @@
+"""The ``kdtune`` command: run recipes and manage configs by name.
+
+::
+
+    kdtune ls                                              recipes and their configs
+    kdtune run knowledge_distillation --config tiny/full_chunked [key=value ...]
+    kdtune run --nproc_per_node 2 knowledge_distillation --config <name|path> [key=value ...]
+    kdtune cp tiny/full_chunked ./my_kd.yaml               copy a config to edit it
+    kdtune validate --config ./my_kd.yaml [key=value ...]  check a config without training
+
+Subcommands are entries of :data:`COMMANDS` (name -> :class:`Command`); adding one is adding
+an entry (``eval`` and ``demo`` plug in there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import runpy
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdtune.cli.registry import (
+    UnknownNameError,
+    config_recipe,
+    list_configs,
+    list_recipes,
+    load_config,
+    resolve_config,
+    resolve_recipe,
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, how it declares arguments, and what it does."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    takes_overrides: bool = False
+    """Trailing ``key=value`` arguments go to ``args.overrides`` (the recipe's overrides)."""
+
+
+# --------------------------------------------------------------------------------------------
+# run
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nproc_per_node",
+        type=int,
+        default=1,
+        help="processes on this machine; more than 1 launches torchrun",
+    )
+    parser.add_argument("recipe", help="recipe name (kdtune ls) or dotted module path")
+    parser.add_argument("--config", required=True, help="config name (kdtune ls) or YAML path")
+
+
+def recipe_argv(module: str, config_path: Path, overrides: list[str]) -> list[str]:
+    """The recipe's own command line (what its ``@config.parse`` reads)."""
+    return [module, "--config", str(config_path), *overrides]
+
+
+def _run(args: argparse.Namespace) -> int:
+    module = resolve_recipe(args.recipe)
+    config_path = resolve_config(args.config)
+    if args.nproc_per_node > 1:
+        return _run_torchrun(module, config_path, args.overrides, args.nproc_per_node)
+    sys.argv = recipe_argv(module, config_path, args.overrides)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+def _run_torchrun(module: str, config_path: Path, overrides: list[str], nproc: int) -> int:
+    """``torchrun --standalone --nproc_per_node N -m <module> --config ...`` in this process."""
+    from torch.distributed.run import get_args_parser, run
+
+    torchrun_args = get_args_parser().parse_args(
+        [
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            module,
+            "--config",
+            str(config_path),
+            *overrides,
+        ]
+    )
+    run(torchrun_args)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# ls, cp, validate
+
+
+def _add_ls_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def _ls(args: argparse.Namespace) -> int:
+    del args
+    configs = list_configs()
+    rows = []
+    for recipe in list_recipes():
+        mine = [name for name in configs if config_recipe(name) == recipe]
+        rows.extend((recipe if i == 0 else "", name) for i, name in enumerate(mine or ["-"]))
+    width = max(len("RECIPE"), *(len(recipe) for recipe, _ in rows)) + 3
+    print(f"{'RECIPE':<{width}}CONFIG")
+    for recipe, name in rows:
+        print(f"{recipe:<{width}}{name}")
+    return 0
+
+
+def _add_cp_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="shipped config name (kdtune ls)")
+    parser.add_argument("destination", type=Path, help="file or folder to copy it to")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def _cp(args: argparse.Namespace) -> int:
+    source = resolve_config(args.config)
+    destination: Path = args.destination
+    if destination.is_dir():
+        destination = destination / source.name
+    if destination.suffix != ".yaml":
+        destination = destination.with_suffix(".yaml")
+    if destination.exists() and not args.force:
+        print(f"error: {destination} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
+    print(f"Copied {source.name} to {destination}")
+    return 0
+
+
+def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    from kdtune.training.config_checks import RECIPE_KEYS
+
+    parser.add_argument("--config", required=True, help="config name (kdtune ls) or YAML path")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    width = max(len(key) for key in RECIPE_KEYS) + 2
+    keys = "\n".join(f"  {key:<{width}}{meaning}" for key, meaning in RECIPE_KEYS.items())
+    parser.epilog = f"keys of the knowledge_distillation recipe (all required):\n{keys}"
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kdtune.training.config_checks import ConfigError, check_config_and_models
+
+    config_path = resolve_config(args.config)
+    cfg = load_config(config_path, args.overrides)
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            found = check_config_and_models(cfg)
+    except ConfigError as error:
+        print(f"INVALID {config_path}\n{error}", file=sys.stderr)
+        return 1
+    for message in found:
+        print(f"warning: {message}")
+    print(f"OK {config_path}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command("run a recipe with a config", _add_run_arguments, _run, takes_overrides=True),
+    "ls": Command("list recipes and their configs", _add_ls_arguments, _ls),
+    "cp": Command("copy a shipped config to edit it", _add_cp_arguments, _cp),
+    "validate": Command(
+        "check a config (no training)", _add_validate_arguments, _validate, takes_overrides=True
+    ),
+}
+"""Subcommand table."""
+
+DELEGATED: dict[str, tuple[str, str]] = {
+    "demo": (
+        "distil the embedded tiny task end to end and print the quality table",
+        "kdtune.demo.cli:demo_main",
+    ),
+    "eval": ("compute the quality table for any checkpoints", "kdtune.demo.cli:eval_main"),
+    "assets": (
+        "write the tiny offline assets (tokenizer, checkpoints, data)",
+        "kdtune.assets.__main__:main",
+    ),
+}
+"""Subcommands with an argument parser of their own: ``kdtune NAME ARGS`` calls
+``entry(ARGS)``; ``kdtune NAME --help`` shows that parser's help."""
+
+
+def _run_delegated(name: str, argv: list[str]) -> int:
+    module_name, function_name = DELEGATED[name][1].split(":")
+    entry = getattr(importlib.import_module(module_name), function_name)
+    return int(entry(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdtune", description="Knowledge-distillation recipes in the style of torchtune."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join([*COMMANDS, *DELEGATED]) + "}")
+    for name, command in COMMANDS.items():
+        usage_tail = " [key=value ...]" if command.takes_overrides else ""
+        sub = subparsers.add_parser(name, help=command.help, description=command.help + usage_tail)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.handler)
+    for name, (help_line, _) in DELEGATED.items():
+        subparsers.add_parser(name, help=help_line, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kdtune`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return _run_delegated(argv[0], argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if COMMANDS[args.command].takes_overrides:
+        bad = [arg for arg in extra if "=" not in arg and not arg.startswith("~")]
+        if bad:
+            parser.error(f"unrecognized arguments: {bad} (overrides are key=value)")
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {extra}")
+    try:
+        return args.handler(args)
+    except UnknownNameError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

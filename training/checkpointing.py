@@ -1,0 +1,236 @@
+"""Step checkpoints: Hugging Face weights plus the training state, written atomically.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    step_0000008/
+        model-00001-of-00001.safetensors, model.safetensors.index.json   student (HF format)
+        config.json, ...                         other files of the student's checkpoint_dir
+        adapter_model.pt / .safetensors, adapter_config.json             LoRA/DoRA students
+        training_state.pt      optimizer (keyed by parameter name), data-loader position,
+                               every rank's RNG states, progress
+        manifest.json          written last: a folder without it is incomplete
+
+A checkpoint is assembled in ``.staging_step_N/`` and moved into place with one ``os.replace``,
+so a crash while saving leaves every earlier checkpoint intact and never leaves a half-written
+``step_N`` behind. The weights are written by torchtune's ``FullModelHFCheckpointer`` (so
+``FullModelHFCheckpointer`` loads them back). In a multi-process run the caller gathers the
+full state on rank 0, which alone writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINTS_DIRNAME = "checkpoints"
+MANIFEST_FILENAME = "manifest.json"
+TRAINING_STATE_FILENAME = "training_state.pt"
+ADAPTER_FILENAME = "adapter_model.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIRNAME
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder is complete once its manifest exists (it is written last)."""
+    return (folder / MANIFEST_FILENAME).is_file()
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest step first."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        match = _STEP_DIR.match(folder.name)
+        if match and folder.is_dir() and is_complete(folder):
+            found.append((int(match.group(1)), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``, or None."""
+    folders = complete_checkpoints(output_dir)
+    return folders[-1] if folders else None
+
+
+def resolve_resume_folder(
+    output_dir: str | Path, resume_from_checkpoint: bool | str
+) -> Path | None:
+    """Which checkpoint to resume from: None (fresh run), the latest, or the given folder.
+
+    Raises:
+        ValueError: ``false`` while ``output_dir`` already holds checkpoints (a later resume
+            would mix the two runs), ``true`` with no complete checkpoint, or a path that is
+            not a complete checkpoint.
+    """
+    if resume_from_checkpoint is False:
+        existing = complete_checkpoints(output_dir)
+        if existing:
+            raise ValueError(
+                f"output_dir {output_dir} already holds checkpoints of an earlier run "
+                f"({', '.join(f.name for f in existing)}): continue it with "
+                "resume_from_checkpoint=true, or choose another output_dir"
+            )
+        return None
+    if resume_from_checkpoint is True:
+        folder = latest_checkpoint(output_dir)
+        if folder is None:
+            raise ValueError(
+                f"resume_from_checkpoint = true but {checkpoints_root(output_dir)} holds no "
+                "complete checkpoint (a folder step_N with manifest.json): set it to false "
+                "for a fresh run, or point output_dir at the earlier run"
+            )
+        return folder
+    folder = Path(resume_from_checkpoint)
+    if not is_complete(folder):
+        raise ValueError(
+            f"resume_from_checkpoint = {resume_from_checkpoint!r} is not a complete checkpoint "
+            f"folder (no {MANIFEST_FILENAME}): use true for the latest one or a step_N folder"
+        )
+    return folder
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST_FILENAME).read_text())
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w") as file:
+        json.dump(payload, file, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _torch_save_atomic(payload: Any, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def write_hf_weights(
+    checkpointer: Any, state_dict: dict[str, Any], staging_dir: Path, adapter_only: bool
+) -> Path:
+    """Write weights with a torchtune HF checkpointer into ``staging_dir``; return their folder.
+
+    torchtune 0.6.1's ``FullModelHFCheckpointer.save_checkpoint`` always writes to
+    ``<its output_dir>/epoch_<epoch>``; a shallow copy pointed at the staging folder reuses its
+    conversion and file layout (and its weight map from ``load_checkpoint``) without touching
+    the real output folder.
+    """
+    if not hasattr(checkpointer, "_output_dir"):
+        raise TypeError(
+            f"{type(checkpointer).__name__} has no _output_dir; the student checkpointer must be "
+            "torchtune.training.FullModelHFCheckpointer (torchtune 0.6.x)"
+        )
+    staged = copy.copy(checkpointer)
+    staged._output_dir = staging_dir
+    staged.save_checkpoint(
+        state_dict, epoch=0, intermediate_checkpoint=False, adapter_only=adapter_only
+    )
+    return staging_dir / "epoch_0"
+
+
+def save_checkpoint_folder(
+    output_dir: str | Path,
+    step: int,
+    write_weights: Callable[[Path], Path],
+    training_state: dict[str, Any],
+    manifest: dict[str, Any],
+) -> Path:
+    """Assemble ``checkpoints/step_N`` atomically and return it.
+
+    Args:
+        output_dir: the run's output folder.
+        step: optimizer steps done (names the folder).
+        write_weights: writes the weights under the given staging folder and returns the
+            folder that holds them (see :func:`write_hf_weights`).
+        training_state: saved as ``training_state.pt``.
+        manifest: saved as ``manifest.json``, last.
+    """
+    root = checkpoints_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_dirname(step)
+    staging = root / f".staging_{name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    folder = write_weights(staging)
+    _torch_save_atomic(training_state, folder / TRAINING_STATE_FILENAME)
+    files = sorted(path.name for path in folder.iterdir())
+    _write_json_atomic(folder / MANIFEST_FILENAME, {**manifest, "step": step, "files": files})
+    final = root / name
+    if final.exists():  # the same step saved again (e.g. a rerun): replace it
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; return the deleted ones."""
+    if keep_last is None:
+        return []
+    folders = complete_checkpoints(output_dir)
+    doomed = folders[:-keep_last] if len(folders) > keep_last else []
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return doomed
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    """The training state of a checkpoint (our own file: RNG states need full unpickling)."""
+    return torch.load(folder / TRAINING_STATE_FILENAME, map_location="cpu", weights_only=False)
+
+
+def hf_weight_files(folder: Path) -> list[str]:
+    """The safetensors shards of a checkpoint folder, from its index file."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return sorted(set(index["weight_map"].values()))
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator the run uses, to restore bit-for-bit on resume."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def rank_rng_state(saved: list[dict[str, Any]] | dict[str, Any], rank: int) -> dict[str, Any]:
+    """This rank's generator states from a checkpoint's ``rng`` entry.
+
+    The recipe saves one entry per rank (each rank seeds ``seed + rank``, so their streams
+    differ); a checkpoint of an earlier single-process version holds one dict.
+    """
+    return saved if isinstance(saved, dict) else saved[rank]
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

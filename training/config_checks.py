@@ -1,0 +1,774 @@
+"""Check a KD recipe config before anything is built.
+
+Two phases, both run by the recipe before it builds a real model and by ``kdtune validate``:
+
+1. :func:`check_config` reads only the config: unknown or misspelt keys (top level and inside
+   every ``_component_`` node), value types and ranges, the loss combination (chunked, fused or
+   CE only), chunk counts and ``ignore_index`` that must agree, and missing checkpoint,
+   tokenizer and data files.
+2. :func:`check_models` compares facts about the models and the tokenizer: vocabulary sizes
+   (an error naming both, unless ``kd_loss.vocab_columns`` truncates to the smaller one and the
+   tokenizer never produces an id beyond it) and the teacher's size (a warning when smaller
+   than the student). :func:`describe_model` gets those facts by building a model on the meta
+   device, which costs no memory and loads no weights.
+
+Every problem is a :class:`ConfigError` (a ``ValueError``) naming the key, the bad value and
+the fix; all problems found in one phase are reported together.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+from torchtune.config._utils import _get_component_from_path
+
+
+class ConfigError(ValueError):
+    """A config problem found before any model is built. The message names key, value and fix."""
+
+
+# Every top-level key the recipe reads, with what it means. There are no defaults in code: each
+# shipped YAML sets every one of these (a test checks), and a key missing here is an error.
+RECIPE_KEYS: dict[str, str] = {
+    "output_dir": "folder for checkpoints, metrics.jsonl and logs",
+    "device": "cpu or cuda",
+    "dtype": "fp32 or bf16 (fp16 is refused: the recipe has no loss scaling)",
+    "seed": "int seed for torch/numpy/random and the data order (null: random, then logged)",
+    "deterministic": "true: deterministic algorithms (warn on non-deterministic ops)",
+    "model": "student model builder (_component_)",
+    "teacher_model": "teacher model builder (_component_), or null for CE-only training",
+    "teacher_quantization": "null or int8_weight_only (torchao; teacher linear layers only)",
+    "tokenizer": "tokenizer builder (_component_)",
+    "checkpointer": "student checkpointer (torchtune FullModelHFCheckpointer)",
+    "teacher_checkpointer": "teacher checkpointer (_component_), or null for CE-only training",
+    "resume_from_checkpoint": "false, true (latest complete checkpoint) or a checkpoint folder",
+    "dataset": "training dataset (_component_, or a list of them)",
+    "validation_dataset": "held-out dataset (_component_), or null for no validation",
+    "validation_batch_size": "batch size of the validation data loader",
+    "validate_every_n_steps": "validate every N optimizer steps (null: only at the end)",
+    "validation_max_batches": "validate on at most N batches (null: the whole dataset)",
+    "shuffle": "shuffle the training data (seeded by seed and the epoch)",
+    "batch_size": "micro-batch size per device",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "epochs": "number of epochs",
+    "max_steps_per_epoch": "cap on optimizer steps per epoch (null: the whole dataset)",
+    "stop_after_steps": "end this run after N optimizer steps in all (with a checkpoint); "
+    "the schedule still spans the whole run, so a resumed run continues exactly",
+    "optimizer": "optimizer (_component_; the recipe passes the trainable parameters)",
+    "lr_scheduler": "scheduler (_component_; the recipe passes num_training_steps), or null",
+    "clip_grad_norm": "max gradient norm (null: no clipping; the norm is still logged)",
+    "loss": "chunked CE loss (kdtune.losses), or null when kd_loss is the fused loss",
+    "kd_loss": "KD loss from kdtune.losses (chunked or fused), or null for CE-only training",
+    "kd_ratio": "loss = (1 - kd_ratio) * CE + kd_ratio * KD, in [0, 1]",
+    "enable_activation_checkpointing": "recompute each transformer layer in backward",
+    "compile": "torch.compile both models' transformer layers and the loss modules",
+    "save_every_n_steps": "save a checkpoint every N optimizer steps (null: only at the end)",
+    "keep_last_n_checkpoints": "delete older step checkpoints beyond N (null: keep all)",
+    "save_adapter_weights_only": "LoRA/DoRA students: save only the adapter, not merged weights",
+    "metric_logger": "torchtune metric logger (_component_)",
+    "log_every_n_steps": "log to metric_logger and the progress bar every N optimizer steps",
+    "fsdp_cpu_offload": "multi-process runs: keep parameter shards, gradients and optimizer "
+    "state in CPU memory (FSDP2 CPUOffloadPolicy; the optimizer step runs on the CPU)",
+    "fsdp_reshard_after_forward": "multi-process runs: free the student's gathered layer weights "
+    "after forward (true: least memory) or keep them for backward (false: less communication)",
+    "fsdp_teacher_reshard_after_forward": "multi-process runs: free the teacher's gathered layer "
+    "weights after forward (true); false keeps a full teacher copy on every rank",
+}
+
+DISTRIBUTED_KEYS = (
+    "fsdp_cpu_offload",
+    "fsdp_reshard_after_forward",
+    "fsdp_teacher_reshard_after_forward",
+)
+"""Keys read only when ``torchrun`` launched several processes; required there (the recipe
+checks), optional in a single process, where they would have no effect."""
+
+SUPPORTED_DTYPES = ("fp32", "bf16")
+SUPPORTED_DEVICES = ("cpu", "cuda")
+TEACHER_QUANTIZATIONS = ("int8_weight_only",)
+_DATA_FILE_SOURCES = ("json", "csv", "parquet", "text", "arrow")
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+# --------------------------------------------------------------------------------------------
+# Small readers used by the checks (and by the recipe, so both read the config the same way)
+# --------------------------------------------------------------------------------------------
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def interpolated_keys(cfg: DictConfig) -> set[str]:
+    """Top-level names that some value refers to as ``${name...}`` (e.g. ``assets_dir``)."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str):
+            found.update(_INTERPOLATION.findall(node))
+
+    walk(container)
+    return found
+
+
+def component_class(node: Any) -> Any:
+    """The object a ``_component_`` node names (imported), or None for a null node."""
+    if node is None:
+        return None
+    return _get_component_from_path(str(node["_component_"]))
+
+
+def component_options(node: DictConfig) -> dict[str, Any]:
+    """The options a component is built with: its signature defaults, then the node's values.
+
+    Used to read e.g. ``kd_loss.temperature`` when the YAML relies on the class default.
+    """
+    target = component_class(node)
+    options: dict[str, Any] = {}
+    for name, param in inspect.signature(target).parameters.items():
+        if param.default is not inspect.Parameter.empty:
+            options[name] = param.default
+    for key, value in node.items():
+        if key != "_component_":
+            options[str(key)] = value
+    return options
+
+
+def _forward_accepts(cls: Any, name: str) -> bool:
+    forward = getattr(cls, "forward", None)
+    return forward is not None and name in inspect.signature(forward).parameters
+
+
+def is_fused_loss(node: Any) -> bool:
+    """True when a loss node names :class:`kdtune.losses.fused.FusedLinearKDLoss` (or a subclass)."""
+    if node is None:
+        return False
+    cls = component_class(node)
+    try:
+        from kdtune.losses.fused import FusedLinearKDLoss
+    except ImportError:
+        return False
+    return isinstance(cls, type) and issubclass(cls, FusedLinearKDLoss)
+
+
+def loss_chunks(node: DictConfig) -> int:
+    """Number of chunks of a chunked loss (``num_output_chunks``) or the fused loss (``num_chunks``)."""
+    options = component_options(node)
+    return int(options["num_chunks"] if is_fused_loss(node) else options["num_output_chunks"])
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 1: the config alone
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Problems:
+    """Collects every problem of a phase so the user sees them all at once."""
+
+    errors: list[str]
+    warnings: list[str]
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def raise_if_any(self, phase: str) -> None:
+        if self.errors:
+            lines = "\n".join(f"  - {message}" for message in self.errors)
+            raise ConfigError(f"{len(self.errors)} config problem(s) {phase}:\n{lines}")
+
+
+def _check_top_level_keys(cfg: DictConfig, problems: _Problems) -> None:
+    """Unknown keys get the closest known key; missing keys get the fix."""
+    known = list(RECIPE_KEYS)
+    referenced = interpolated_keys(cfg)
+    for key in cfg:
+        key = str(key)
+        if key not in RECIPE_KEYS and key not in referenced:
+            problems.error(
+                f"unknown key '{key}'{_closest(key, known)}: the recipe does not read it; "
+                f"remove it or fix its spelling (known keys: kdtune validate --help)"
+            )
+    for key in RECIPE_KEYS:
+        if key not in cfg and key not in DISTRIBUTED_KEYS:
+            problems.error(
+                f"missing key '{key}' ({RECIPE_KEYS[key]}): add it to the config; the recipe "
+                "has no built-in defaults (copy one with `kdtune cp`)"
+            )
+
+
+def _value(cfg: DictConfig, key: str, problems: _Problems) -> Any:
+    """``cfg[key]`` with interpolations resolved; a broken interpolation is a problem."""
+    try:
+        return cfg[key]
+    except OmegaConfBaseException as error:
+        problems.error(f"{key}: cannot resolve its value ({error}); fix the ${{...}} reference")
+        return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(
+    cfg: DictConfig, key: str, problems: _Problems, *, minimum: int, nullable: bool
+) -> None:
+    value = _value(cfg, key, problems)
+    if value is None and nullable:
+        return
+    if not _is_int(value) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or null" if nullable else "")
+        problems.error(f"{key} = {value!r} is invalid: set {key} to {allowed}")
+
+
+def _check_bool(cfg: DictConfig, key: str, problems: _Problems) -> None:
+    value = _value(cfg, key, problems)
+    if not isinstance(value, bool):
+        problems.error(f"{key} = {value!r} is invalid: set {key} to true or false")
+
+
+def _check_choice(
+    cfg: DictConfig, key: str, choices: tuple[str, ...], problems: _Problems, hint: str = ""
+) -> None:
+    value = _value(cfg, key, problems)
+    if value not in choices:
+        problems.error(f"{key} = {value!r} is not supported{hint}: use one of {list(choices)}")
+
+
+def _component_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
+    """Every ``_component_`` node under ``node`` (depth first) with its dotted path."""
+    if isinstance(node, DictConfig):
+        if "_component_" in node:
+            yield path, node
+        for key in node:
+            yield from _component_nodes(node._get_node(key), f"{path}.{key}")
+    elif isinstance(node, ListConfig):
+        for index in range(len(node)):
+            yield from _component_nodes(node._get_node(index), f"{path}[{index}]")
+
+
+def _check_component_keys(path: str, node: DictConfig, problems: _Problems) -> Callable | None:
+    """The component imports, and each of the node's keys is a parameter it takes."""
+    try:
+        target = component_class(node)
+    except Exception as error:  # import problems of any kind are reported, not raised
+        problems.error(f"{path}._component_ = {node['_component_']!r} cannot be imported: {error}")
+        return None
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return target
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return target  # takes **kwargs: any key may be meant for it
+    names = list(parameters)
+    for key in node:
+        key = str(key)
+        if key != "_component_" and key not in parameters:
+            problems.error(
+                f"{path}.{key}: {node['_component_']} has no option '{key}'"
+                f"{_closest(key, names)}; its options are {names}"
+            )
+    return target
+
+
+def _check_components(cfg: DictConfig, problems: _Problems) -> None:
+    for key in cfg:
+        for path, node in _component_nodes(cfg._get_node(key), str(key)):
+            _check_component_keys(path, node, problems)
+
+
+def _check_scalars(cfg: DictConfig, problems: _Problems) -> None:
+    dtype = _value(cfg, "dtype", problems)
+    if dtype in ("fp16", "float16", "half"):
+        problems.error(
+            f"dtype = {dtype!r}: fp16 is not supported (this recipe has no loss scaling, so fp16 "
+            "gradients under- and overflow); set dtype: bf16 (or fp32)"
+        )
+    else:
+        _check_choice(cfg, "dtype", SUPPORTED_DTYPES, problems)
+    device = _value(cfg, "device", problems)
+    if not (isinstance(device, str) and device.split(":")[0] in SUPPORTED_DEVICES):
+        problems.error(f"device = {device!r} is not supported: use cpu or cuda")
+    seed = _value(cfg, "seed", problems)
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        problems.error(f"seed = {seed!r} is invalid: set seed to an int >= 0 (or null)")
+    for key in (
+        "deterministic",
+        "shuffle",
+        "enable_activation_checkpointing",
+        "compile",
+        "save_adapter_weights_only",
+    ):
+        _check_bool(cfg, key, problems)
+    for key in DISTRIBUTED_KEYS:
+        if key in cfg:
+            _check_bool(cfg, key, problems)
+    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every_n_steps"):
+        _check_int(cfg, key, problems, minimum=1, nullable=False)
+    for key in (
+        "max_steps_per_epoch",
+        "stop_after_steps",
+        "save_every_n_steps",
+        "keep_last_n_checkpoints",
+        "validate_every_n_steps",
+        "validation_max_batches",
+    ):
+        _check_int(cfg, key, problems, minimum=1, nullable=True)
+    _check_int(cfg, "validation_batch_size", problems, minimum=1, nullable=False)
+
+    kd_ratio = _value(cfg, "kd_ratio", problems)
+    if not isinstance(kd_ratio, int | float) or isinstance(kd_ratio, bool):
+        problems.error(f"kd_ratio = {kd_ratio!r} is invalid: set a number in [0, 1]")
+    elif not 0.0 <= kd_ratio <= 1.0:
+        problems.error(
+            f"kd_ratio = {kd_ratio!r} is outside [0, 1]: the loss is "
+            "(1 - kd_ratio) * CE + kd_ratio * KD; use 0 (CE only) to 1 (KD only)"
+        )
+    clip = _value(cfg, "clip_grad_norm", problems)
+    if clip is not None and (
+        not isinstance(clip, int | float) or isinstance(clip, bool) or not clip > 0
+    ):
+        problems.error(f"clip_grad_norm = {clip!r} is invalid: set a number > 0 (or null)")
+    quantization = _value(cfg, "teacher_quantization", problems)
+    if quantization is not None and quantization not in TEACHER_QUANTIZATIONS:
+        problems.error(
+            f"teacher_quantization = {quantization!r} is not supported: use null or "
+            f"{list(TEACHER_QUANTIZATIONS)}"
+        )
+    resume = _value(cfg, "resume_from_checkpoint", problems)
+    if not isinstance(resume, bool | str):
+        problems.error(
+            f"resume_from_checkpoint = {resume!r} is invalid: use false, true (latest "
+            "checkpoint in output_dir) or the path of a checkpoint folder"
+        )
+
+
+def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
+    """Which losses go together: chunked CE + chunked KD, fused KD alone, or CE only."""
+    kd_ratio = cfg.get("kd_ratio")
+    teacher, teacher_ckpt = cfg.get("teacher_model"), cfg.get("teacher_checkpointer")
+    loss, kd_loss = cfg.get("loss"), cfg.get("kd_loss")
+
+    if (teacher is None) != (teacher_ckpt is None):
+        missing = "teacher_checkpointer" if teacher_ckpt is None else "teacher_model"
+        problems.error(
+            f"{missing} is null but the other teacher key is set: set both teacher_model and "
+            "teacher_checkpointer, or both to null for CE-only training (kd_ratio: 0.0)"
+        )
+    if teacher is None:
+        if kd_ratio != 0:
+            problems.error(
+                f"teacher_model is null but kd_ratio = {kd_ratio!r}: without a teacher only "
+                "CE training is possible; set kd_ratio: 0.0, or configure a teacher"
+            )
+        if kd_loss is not None:
+            problems.error(
+                "kd_loss is set but teacher_model is null: set kd_loss: null for CE-only "
+                "training (the CE term comes from `loss`)"
+            )
+        if cfg.get("teacher_quantization") is not None:
+            problems.error("teacher_quantization is set but teacher_model is null: set it to null")
+    elif kd_loss is None:
+        problems.error(
+            "kd_loss is null but a teacher is configured: set kd_loss to a loss from "
+            "kdtune.losses (e.g. kdtune.losses.ForwardKLWithChunkedOutputLoss)"
+        )
+
+    try:
+        fused = is_fused_loss(kd_loss)
+    except Exception:
+        return  # the import problem is already reported by _check_components
+    if fused:
+        if loss is not None:
+            problems.error(
+                "loss is set but kd_loss is the fused loss, which computes the CE term itself "
+                "from the same hidden states: set loss: null"
+            )
+        return
+    if loss is None:
+        problems.error(
+            "loss is null: with a chunked kd_loss (or none) the CE term needs "
+            "loss: {_component_: kdtune.losses.CEWithChunkedOutputLoss}"
+        )
+        return
+    try:
+        loss_cls = component_class(loss)
+        kd_cls = component_class(kd_loss)
+    except Exception:
+        return
+    for key, cls in (("loss", loss_cls), ("kd_loss", kd_cls)):
+        if cls is None:
+            continue
+        if not _forward_accepts(cls, "num_tokens"):
+            problems.error(
+                f"{key}._component_ = {cfg[key]['_component_']}: its forward takes no num_tokens, "
+                "so gradient accumulation could not be normalised by the step's token count; use "
+                "the class of the same name from kdtune.losses (same options)"
+            )
+            return
+        if "num_output_chunks" not in component_options(cfg[key]):
+            problems.error(f"{key}: {cfg[key]['_component_']} is not a chunked loss")
+            return
+    _check_chunked_pair(cfg, problems)
+
+
+def _check_chunked_pair(cfg: DictConfig, problems: _Problems) -> None:
+    loss_options = component_options(cfg.loss)
+    chunks = loss_options["num_output_chunks"]
+    if not _is_int(chunks) or chunks < 1:
+        problems.error(f"loss.num_output_chunks = {chunks!r} is invalid: use an int >= 1")
+    if cfg.kd_loss is None:
+        return
+    kd_options = component_options(cfg.kd_loss)
+    if kd_options["num_output_chunks"] != chunks:
+        problems.error(
+            f"kd_loss.num_output_chunks = {kd_options['num_output_chunks']!r} but "
+            f"loss.num_output_chunks = {chunks!r}: both models emit one list of chunks shared by "
+            "both losses; set both to the same number"
+        )
+    if kd_options["ignore_index"] != loss_options["ignore_index"]:
+        problems.error(
+            f"kd_loss.ignore_index = {kd_options['ignore_index']!r} but loss.ignore_index = "
+            f"{loss_options['ignore_index']!r}: set both to the same value"
+        )
+
+
+def _check_kd_options(cfg: DictConfig, problems: _Problems) -> None:
+    for key in ("loss", "kd_loss"):
+        node = cfg.get(key)
+        try:
+            reduction = component_options(node).get("reduction") if node is not None else None
+        except Exception:
+            continue
+        if reduction not in (None, "mean"):
+            problems.error(
+                f"{key}.reduction = {reduction!r}: the recipe divides every micro-batch's sum by "
+                f"the step's token count through num_tokens, which needs reduction: mean"
+            )
+    if cfg.get("kd_loss") is None:
+        return
+    try:
+        options = component_options(cfg.kd_loss)
+    except Exception:
+        return
+    temperature = options.get("temperature")
+    if temperature is not None and (
+        not isinstance(temperature, int | float) or not temperature > 0
+    ):
+        problems.error(
+            f"kd_loss.temperature = {temperature!r} must be > 0: logits are divided by it; "
+            "use 1.0 for plain KD or a value like 2.0 to soften both distributions"
+        )
+    columns = options.get("vocab_columns")
+    if columns is not None and (not _is_int(columns) or columns < 1):
+        problems.error(
+            f"kd_loss.vocab_columns = {columns!r} is invalid: use null or the smaller vocab size"
+        )
+    if is_fused_loss(cfg.kd_loss):
+        chunks = options.get("num_chunks")
+        if not _is_int(chunks) or chunks < 1:
+            problems.error(f"kd_loss.num_chunks = {chunks!r} is invalid: use an int >= 1")
+
+
+def _check_datasets(cfg: DictConfig, problems: _Problems) -> None:
+    nodes = [("dataset", cfg.get("dataset"))]
+    if isinstance(nodes[0][1], ListConfig):
+        nodes = [(f"dataset[{i}]", node) for i, node in enumerate(cfg.dataset)]
+    if cfg.get("validation_dataset") is not None:
+        nodes.append(("validation_dataset", cfg.validation_dataset))
+    for key, node in nodes:
+        if not isinstance(node, DictConfig) or "_component_" not in node:
+            problems.error(
+                f"{key} must be a _component_ node (e.g. torchtune.datasets.alpaca_dataset)"
+            )
+            continue
+        if node.get("packed", False):
+            problems.error(
+                f"{key}.packed = true is not supported by this recipe: set packed: false"
+            )
+        if node.get("source") in _DATA_FILE_SOURCES and node.get("data_files") is not None:
+            files = node.data_files
+            for file in [files] if isinstance(files, str) else list(files):
+                if not Path(str(file)).exists():
+                    problems.error(
+                        f"{key}.data_files: {file} does not exist; fix the path (tiny configs: "
+                        "create the assets with `python -m kdtune.assets --out <assets_dir>`)"
+                    )
+
+
+def checkpoint_files(node: DictConfig) -> list[str]:
+    """The file names a torchtune checkpointer node loads (list form or filename_format form)."""
+    files = node.checkpoint_files
+    if isinstance(files, DictConfig):
+        count = int(str(files.max_filename))
+        width = len(str(files.max_filename))
+        return [
+            str(files.filename_format).format(str(i).zfill(width), str(files.max_filename))
+            for i in range(1, count + 1)
+        ]
+    return [str(file) for file in files]
+
+
+def _check_checkpoint_files(cfg: DictConfig, problems: _Problems) -> None:
+    for key in ("checkpointer", "teacher_checkpointer"):
+        node = cfg.get(key)
+        if node is None:
+            continue
+        try:
+            folder = Path(str(node.checkpoint_dir))
+            files = checkpoint_files(node)
+        except (OmegaConfBaseException, AttributeError, ValueError) as error:
+            problems.error(f"{key}: needs checkpoint_dir and checkpoint_files ({error})")
+            continue
+        if not folder.is_dir():
+            problems.error(
+                f"{key}.checkpoint_dir: {folder} does not exist; download the model there "
+                "(e.g. `tune download <repo> --output-dir <dir>`) or fix the path"
+            )
+            continue
+        missing = [name for name in files if not (folder / name).is_file()]
+        if "HFCheckpointer" in str(node["_component_"]) and not (folder / "config.json").is_file():
+            missing.append("config.json")
+        if missing:
+            problems.error(
+                f"{key}.checkpoint_files: {missing} not found in {folder}; fix checkpoint_files "
+                "or the folder"
+            )
+    for key in ("path", "special_tokens_path", "merges_file"):
+        value = cfg.tokenizer.get(key) if isinstance(cfg.get("tokenizer"), DictConfig) else None
+        if isinstance(value, str) and not Path(value).exists():
+            problems.error(f"tokenizer.{key}: {value} does not exist; fix the path")
+
+
+def _check_student_checkpointer(cfg: DictConfig, problems: _Problems) -> None:
+    from torchtune.training import FullModelHFCheckpointer
+
+    try:
+        cls = component_class(cfg.checkpointer)
+    except Exception:
+        return
+    if not (isinstance(cls, type) and issubclass(cls, FullModelHFCheckpointer)):
+        problems.error(
+            f"checkpointer._component_ = {cfg.checkpointer['_component_']}: the student is saved "
+            "in Hugging Face format; use torchtune.training.FullModelHFCheckpointer"
+        )
+
+
+def normalize_null_components(cfg: DictConfig) -> None:
+    """Turn a top-level ``{_component_: null, ...}`` node into null, in place.
+
+    torchtune's override rule rewrites ``teacher_model=null`` on the command line into
+    ``teacher_model._component_=null`` (the key holds a component); this makes such an override
+    mean what it says.
+    """
+    for key in list(cfg.keys()):
+        node = cfg._get_node(key)
+        is_component = isinstance(node, DictConfig) and "_component_" in node
+        if is_component and node._get_node("_component_")._is_none():
+            cfg[key] = None
+
+
+def check_config(cfg: DictConfig) -> list[str]:
+    """Phase 1: check the config alone. Builds nothing, reads only file names.
+
+    Null component overrides are normalised first (:func:`normalize_null_components`).
+
+    Returns:
+        Warnings (strings); each is also issued with :func:`warnings.warn`.
+
+    Raises:
+        ConfigError: every problem found, one per line, each naming key, value and fix.
+    """
+    normalize_null_components(cfg)
+    problems = _Problems(errors=[], warnings=[])
+    _check_top_level_keys(cfg, problems)
+    problems.raise_if_any("in the keys")  # later checks read these keys
+    _check_components(cfg, problems)
+    _check_scalars(cfg, problems)
+    problems.raise_if_any("in the values")
+    _check_loss_setup(cfg, problems)
+    _check_kd_options(cfg, problems)
+    _check_student_checkpointer(cfg, problems)
+    _check_datasets(cfg, problems)
+    _check_checkpoint_files(cfg, problems)
+    problems.raise_if_any("before building models")
+    for message in problems.warnings:
+        warnings.warn(message, stacklevel=2)
+    return problems.warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 2: facts about the models and the tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checks need to know about a model: its vocabulary and its size."""
+
+    vocab_size: int
+    num_params: int
+
+
+def model_vocab_size(model: nn.Module) -> int:
+    """Rows of the output projection (the logits' last dimension) of a torchtune decoder."""
+    output = getattr(model, "output", None)
+    weight = getattr(output, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    tied = getattr(output, "tied_module", None)  # TiedLinear: the embedding's rows
+    if tied is not None:
+        return int(tied.weight.shape[0])
+    embeddings = getattr(model, "tok_embeddings", None)
+    if embeddings is not None:
+        return int(embeddings.weight.shape[0])
+    raise ConfigError(f"cannot find the vocabulary size of {type(model).__name__}")
+
+
+def describe_model(node: DictConfig) -> ModelFacts:
+    """Build the model of a config node on the meta device (no memory, no weights) and describe it."""
+    from torchtune import config
+
+    with torch.device("meta"):
+        model = config.instantiate(node)
+    num_params = sum(p.numel() for p in model.parameters())
+    facts = ModelFacts(vocab_size=model_vocab_size(model), num_params=num_params)
+    del model
+    return facts
+
+
+def tokenizer_max_id(tokenizer: Any) -> int:
+    """The largest token id a tokenizer can produce from text (special tokens included).
+
+    Works for tiktoken-based tokenizers (Llama 3: ``vocab_size`` counts every id) and for BPE
+    tokenizers with an ``encoder`` and ``special_tokens`` mapping (Qwen2). The image
+    placeholder (``tokenizer.image_id``, Llama 3's ``<|image|>`` = 128256, one past the text
+    models' 128,256 rows) is left out: it is only emitted for image content, never for text.
+    """
+    special = getattr(tokenizer, "special_tokens", None)
+    special_ids = set(special.values()) if isinstance(special, dict) else set()
+    special_ids.discard(getattr(tokenizer, "image_id", None))
+    encoder = getattr(tokenizer, "encoder", None)
+    if isinstance(encoder, dict) and encoder:
+        return int(max([*encoder.values(), *special_ids]))
+    base_vocab_size = getattr(tokenizer, "base_vocab_size", None)
+    if _is_int(base_vocab_size):
+        return int(max([base_vocab_size - 1, *special_ids]))
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    if _is_int(vocab_size):
+        return int(vocab_size - 1)
+    raise ConfigError(
+        f"tokenizer: cannot tell the largest id of {type(tokenizer).__name__} (it has neither "
+        "vocab_size nor encoder); use a torchtune tokenizer"
+    )
+
+
+def check_models(
+    cfg: DictConfig,
+    student: ModelFacts,
+    teacher: ModelFacts | None,
+    max_token_id: int | None,
+) -> list[str]:
+    """Phase 2: vocabularies of student, teacher and tokenizer agree; the teacher is the larger.
+
+    Args:
+        cfg: the recipe config (reads ``kd_loss.vocab_columns``).
+        student: facts of the student model.
+        teacher: facts of the teacher model, or None (CE-only).
+        max_token_id: the tokenizer's largest id (None: not checked).
+
+    Returns:
+        Warnings (also issued with :func:`warnings.warn`).
+
+    Raises:
+        ConfigError: on a vocabulary mismatch, naming both sizes and the fix.
+    """
+    problems = _Problems(errors=[], warnings=[])
+    columns = component_options(cfg.kd_loss).get("vocab_columns") if cfg.kd_loss else None
+    if max_token_id is not None and max_token_id >= student.vocab_size:
+        problems.error(
+            f"the tokenizer produces ids up to {max_token_id} but the student (model) has "
+            f"vocab size {student.vocab_size}: use a student with vocab > {max_token_id} or "
+            "the matching tokenizer"
+        )
+    if teacher is not None:
+        if columns is None and teacher.vocab_size != student.vocab_size:
+            smaller = min(teacher.vocab_size, student.vocab_size)
+            problems.error(
+                f"vocab sizes differ: teacher (teacher_model) {teacher.vocab_size}, student "
+                f"(model) {student.vocab_size}. If the extra rows are padding the tokenizer never "
+                f"produces, set kd_loss.vocab_columns: {smaller} to compare only the first "
+                f"{smaller} logits"
+            )
+        if columns is not None:
+            smaller = min(teacher.vocab_size, student.vocab_size)
+            if columns > smaller:
+                problems.error(
+                    f"kd_loss.vocab_columns = {columns} exceeds the smaller vocab (teacher "
+                    f"{teacher.vocab_size}, student {student.vocab_size}): set it to {smaller}"
+                )
+            if max_token_id is not None and max_token_id >= columns:
+                problems.error(
+                    f"kd_loss.vocab_columns = {columns} truncates the vocab, but the tokenizer "
+                    f"produces ids up to {max_token_id} (teacher vocab {teacher.vocab_size}, "
+                    f"student vocab {student.vocab_size}): truncation would drop real tokens; "
+                    "use models with matching vocabularies"
+                )
+        if max_token_id is not None and max_token_id >= teacher.vocab_size:
+            problems.error(
+                f"the tokenizer produces ids up to {max_token_id} but the teacher (teacher_model) "
+                f"has vocab size {teacher.vocab_size}: use the tokenizer both models share"
+            )
+        if teacher.num_params < student.num_params:
+            problems.warn(
+                f"teacher_model has fewer parameters ({teacher.num_params:,}) than the student "
+                f"model ({student.num_params:,}): check that teacher_model and model are not "
+                "swapped"
+            )
+    problems.raise_if_any("in the model vocabularies")
+    for message in problems.warnings:
+        warnings.warn(message, stacklevel=2)
+    return problems.warnings
+
+
+def kd_vocab_columns(cfg: DictConfig) -> int | None:
+    """``kd_loss.vocab_columns`` (None: the vocabularies must match)."""
+    if cfg.kd_loss is None:
+        return None
+    return component_options(cfg.kd_loss).get("vocab_columns")
+
+
+def check_config_and_models(cfg: DictConfig) -> list[str]:
+    """Both phases, as ``kdtune validate`` runs them: the config, then the tokenizer and the
+    models built on the meta device. Returns the warnings; raises :class:`ConfigError`."""
+    from torchtune import config
+
+    found = check_config(cfg)
+    tokenizer = config.instantiate(cfg.tokenizer)
+    student = describe_model(cfg.model)
+    teacher = describe_model(cfg.teacher_model) if cfg.teacher_model is not None else None
+    found += check_models(cfg, student, teacher, tokenizer_max_id(tokenizer))
+    return found

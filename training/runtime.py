@@ -1,0 +1,462 @@
+"""Device, precision, sharding and model-loading decisions of the KD recipe, as small functions.
+
+The recipe calls these in order (torchtitan style), the same in one process and under
+``torchrun`` with several::
+
+    runtime = setup_runtime(cfg)                        # process group, device, dtype, FSDP
+    model = build_model(cfg.model, runtime.dtype)       # on meta: no memory yet
+    is_lora = freeze_all_but_adapters(model)            # before sharding
+    state = student_state_dict(model, base, adapters, seed=...)  # rank 0 only (others: None)
+    prepare_for_training(model, runtime, trainable=True, ...)    # AC, compile, fully_shard
+    load_weights(model, state, runtime)                 # rank 0's full dict -> each rank's shards
+
+Everything that differs between one process and many (the process group, FSDP2 sharding, CPU
+offload, mixed precision, who reads checkpoints) is decided here; the collectives themselves
+are :mod:`kdtune.training.distributed`, whose functions are no-ops (or the trivial equivalent)
+in a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torchtune import config, training, utils
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from kdtune.training import distributed
+from kdtune.training.config_checks import DISTRIBUTED_KEYS, ConfigError
+
+
+@dataclass(frozen=True)
+class ShardingOptions:
+    """FSDP2 settings of a multi-process run (see :func:`kdtune.training.distributed.shard_model`)."""
+
+    cpu_offload: bool
+    student_reshard_after_forward: bool
+    teacher_reshard_after_forward: bool
+    param_dtype: torch.dtype | None
+    reduce_dtype: torch.dtype | None
+
+
+SINGLE_PROCESS = ShardingOptions(
+    cpu_offload=False,
+    student_reshard_after_forward=False,
+    teacher_reshard_after_forward=False,
+    param_dtype=None,
+    reduce_dtype=None,
+)
+"""One process: nothing is sharded, offloaded or cast (``shard_model`` only freezes the teacher)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process computes."""
+
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world_size: int
+    sharding: ShardingOptions
+
+    @property
+    def is_main(self) -> bool:
+        """The process that reads checkpoints, writes files, logs and shows progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def parameter_device(self) -> torch.device:
+        """Where the (local shards of the) parameters live: CPU when offloaded."""
+        return torch.device("cpu") if self.sharding.cpu_offload else self.device
+
+
+def setup_runtime(cfg: DictConfig) -> Runtime:
+    """Start the process group when ``torchrun`` launched several processes; resolve device,
+    dtype and the FSDP2 options.
+
+    With ``dtype: bf16`` a multi-process run computes in bf16 (as one process does) and sums
+    gradients across ranks in fp32 (FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32)``).
+
+    Raises:
+        ConfigError: ``device: cuda`` without a GPU; a multi-process run whose config lacks an
+            FSDP key or asks for ``teacher_quantization`` (int8 weights cannot be sharded).
+    """
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but no CUDA device is available: set device: cpu")
+    info = distributed.init_distributed(str(cfg.device))
+    device = info.device if info.world_size > 1 else utils.get_device(device=str(cfg.device))
+    dtype = training.get_dtype(str(cfg.dtype), device=device)
+    if not info.is_main:
+        _quiet_this_process()
+    if info.world_size > 1:
+        sharding = sharding_options(cfg, dtype, info.world_size)
+    else:
+        _warn_unused_fsdp_options(cfg)
+        sharding = SINGLE_PROCESS
+    return Runtime(
+        device=device,
+        dtype=dtype,
+        rank=info.rank,
+        world_size=info.world_size,
+        sharding=sharding,
+    )
+
+
+def sharding_options(cfg: DictConfig, dtype: torch.dtype, world_size: int) -> ShardingOptions:
+    """The FSDP2 options of a run with ``world_size`` > 1 processes, from the config.
+
+    Raises:
+        ConfigError: an FSDP key is missing, or ``teacher_quantization`` is set.
+    """
+    missing = [key for key in DISTRIBUTED_KEYS if key not in cfg]
+    if missing:
+        raise ConfigError(
+            f"this run has {world_size} processes but the config lacks {missing}: add them "
+            "(e.g. fsdp_cpu_offload: false, fsdp_reshard_after_forward: true, "
+            "fsdp_teacher_reshard_after_forward: true), as in the shipped configs"
+        )
+    if cfg.teacher_quantization is not None:
+        raise ConfigError(
+            f"teacher_quantization = {cfg.teacher_quantization!r} with {world_size} processes: "
+            "int8 teacher weights cannot be sharded by FSDP2; set teacher_quantization: null "
+            f"(sharding already divides the teacher's memory by {world_size})"
+        )
+    mixed = dtype == torch.bfloat16
+    return ShardingOptions(
+        cpu_offload=bool(cfg.fsdp_cpu_offload),
+        student_reshard_after_forward=bool(cfg.fsdp_reshard_after_forward),
+        teacher_reshard_after_forward=bool(cfg.fsdp_teacher_reshard_after_forward),
+        param_dtype=torch.bfloat16 if mixed else None,
+        reduce_dtype=torch.float32 if mixed else None,
+    )
+
+
+def _warn_unused_fsdp_options(cfg: DictConfig) -> None:
+    if cfg.get("fsdp_cpu_offload"):
+        warnings.warn(
+            "fsdp_cpu_offload = true has no effect in a single process (nothing is sharded): "
+            "launch with --nproc_per_node N > 1, or set it to false",
+            stacklevel=3,
+        )
+
+
+def _only_warnings(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def _quiet_this_process() -> None:
+    """Ranks other than 0 log warnings and errors only, and no Python warnings.
+
+    A filter, not a level: torchtune's ``get_logger(level)`` resets the shared logger's level
+    whenever it is called.
+    """
+    logger = utils.get_logger()
+    if _only_warnings not in logger.filters:
+        logger.addFilter(_only_warnings)
+    warnings.simplefilter("ignore")
+
+
+def set_determinism(seed: int | None, deterministic: bool, device: torch.device) -> int:
+    """Seed every generator (torch, numpy, random) with ``seed + rank``; optionally demand
+    deterministic kernels.
+
+    Returns:
+        The run's seed (the same on every rank; drawn at random on rank 0 when ``seed`` is
+        None). The data order uses it, so every rank shuffles the same permutation.
+    """
+    if deterministic and device.type == "cuda":
+        # cuBLAS needs this before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return training.set_seed(seed=seed, debug_mode="warn" if deterministic else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Models: build on meta, adapters, wrap and shard, load
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(node: DictConfig, dtype: torch.dtype) -> nn.Module:
+    """Instantiate a model on the meta device in the run's dtype: no memory, no random init.
+
+    :func:`load_weights` allocates it (each rank only its shards) and fills it.
+    """
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        return config.instantiate(node)
+
+
+def adapter_parameter_names(model: nn.Module) -> set[str]:
+    """Names of LoRA/DoRA parameters (empty for a full-parameter model)."""
+    return set(get_adapter_params(model))
+
+
+def freeze_all_but_adapters(model: nn.Module) -> bool:
+    """A LoRA/DoRA student trains only its adapters; call before sharding.
+
+    Returns:
+        True for a LoRA/DoRA student (False: every parameter stays trainable).
+    """
+    adapters = adapter_parameter_names(model)
+    if adapters:
+        set_trainable_params(model, adapters)
+    return bool(adapters)
+
+
+def fresh_adapter_state_dict(
+    model: nn.Module, base_state_dict: dict[str, Tensor], seed: int
+) -> dict[str, Tensor]:
+    """Initial LoRA/DoRA adapter values as full CPU tensors, the same for any process count.
+
+    Each adapter module is copied to the CPU and initialised by torchtune's own code
+    (``initialize_parameters``: Kaiming-uniform A, zero B), drawing from a generator seeded
+    with ``seed`` (the global one is left untouched); a DoRA magnitude is computed from the
+    module's base weight in ``base_state_dict`` (``initialize_dora_magnitude``). Initialising
+    the sharded model instead would draw different numbers for different shardings.
+
+    Args:
+        model: the student (on meta or materialised; not yet wrapped or sharded).
+        base_state_dict: the base weights, torchtune keys.
+        seed: the run's seed.
+    """
+    state: dict[str, Tensor] = {}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name, module in model.named_modules():
+            if not callable(getattr(module, "adapter_params", None)):
+                continue
+            fresh = copy.deepcopy(module)
+            # LoRA/DoRA's to_empty allocates only the adapters (the base weight stays on meta).
+            fresh.to_empty(device="cpu")
+            fresh.initialize_parameters()
+            if hasattr(fresh, "initialize_dora_magnitude"):
+                base = base_state_dict[distributed.state_dict_key(f"{name}.weight")]
+                fresh.weight = nn.Parameter(base.to("cpu", fresh.weight.dtype), requires_grad=False)
+                fresh.initialize_dora_magnitude()
+            for parameter_name in fresh.adapter_params():
+                key = distributed.state_dict_key(f"{name}.{parameter_name}")
+                state[key] = fresh.get_parameter(parameter_name).detach().clone()
+    return state
+
+
+def student_state_dict(
+    model: nn.Module,
+    base_state_dict: dict[str, Tensor],
+    adapter_state_dict: dict[str, Tensor] | None,
+    *,
+    seed: int,
+) -> dict[str, Tensor]:
+    """Everything the student loads: its weights, plus adapters for a LoRA/DoRA student.
+
+    Args:
+        base_state_dict: the full weights (full student) or the base weights (LoRA/DoRA).
+        adapter_state_dict: saved adapters (resume), or None for fresh ones
+            (:func:`fresh_adapter_state_dict` with ``seed``). Ignored for a full student.
+    """
+    if not adapter_parameter_names(model):
+        return base_state_dict
+    adapters = adapter_state_dict
+    if adapters is None:
+        adapters = fresh_adapter_state_dict(model, base_state_dict, seed)
+    return {**base_state_dict, **adapters}
+
+
+def load_student_weights(
+    model: nn.Module,
+    base_state_dict: dict[str, Tensor],
+    adapter_state_dict: dict[str, Tensor] | None,
+    *,
+    seed: int = 0,
+) -> bool:
+    """Load a single-process student (evaluation tools); for LoRA/DoRA freeze all but adapters.
+
+    The same steps as the recipe's (:func:`freeze_all_but_adapters`, :func:`student_state_dict`,
+    a strict full load) for a model built on a device or on meta.
+
+    Returns:
+        True for a LoRA/DoRA student.
+
+    Raises:
+        ValueError: when a weight is missing or unexpected.
+    """
+    is_lora = freeze_all_but_adapters(model)
+    state = student_state_dict(model, base_state_dict, adapter_state_dict, seed=seed)
+    device = next(model.parameters()).device
+    distributed.load_full_state_dict(
+        model,
+        state,
+        device="cpu" if device.type == "meta" else device,
+        strict=True,
+        broadcast_from_rank0=False,
+    )
+    return is_lora
+
+
+def prepare_for_training(
+    model: nn.Module,
+    runtime: Runtime,
+    *,
+    trainable: bool,
+    activation_checkpointing: bool,
+    compile_layers: bool,
+) -> nn.Module:
+    """Activation checkpointing, per-layer compile, then FSDP2 sharding (in that order).
+
+    ``TORCH_COMPILE_BACKEND`` picks the compile backend (torchtune's convention; default
+    ``inductor``). ``trainable=False`` (the teacher) freezes every parameter, so its shards
+    never hold or reduce gradients. In one process nothing is sharded.
+    """
+    if activation_checkpointing:
+        distributed.apply_activation_checkpointing(model)
+    if compile_layers:
+        backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+        distributed.apply_compile(model, backend=backend)
+    options = runtime.sharding
+    distributed.shard_model(
+        model,
+        trainable=trainable,
+        reshard_after_forward=(
+            options.student_reshard_after_forward
+            if trainable
+            else options.teacher_reshard_after_forward
+        ),
+        cpu_offload=options.cpu_offload,
+        param_dtype=options.param_dtype,
+        reduce_dtype=options.reduce_dtype,
+    )
+    return model
+
+
+@contextmanager
+def _random_state_kept(device: torch.device) -> Iterator[None]:
+    """Allocating a meta model initialises (then overwrites) some parameters; how many random
+    numbers that draws depends on the sharding, so the run's generators are restored after."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        yield
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor] | None, runtime: Runtime) -> None:
+    """Allocate a meta (possibly sharded) model and load a full state dict into it, strictly.
+
+    Only rank 0 passes ``state_dict`` (others None): it is broadcast, and every rank keeps its
+    shards, on ``runtime.parameter_device``.
+
+    Raises:
+        ValueError: a key is missing or unexpected (on every rank).
+    """
+    with _random_state_kept(runtime.device):
+        distributed.load_full_state_dict(
+            model,
+            state_dict,
+            device=runtime.parameter_device,
+            strict=True,
+            broadcast_from_rank0=True,
+        )
+
+
+def finish_teacher(model: nn.Module, quantization: str | None) -> nn.Module:
+    """Eval mode, and optionally int8 weights (single process; the teacher is already frozen).
+
+    ``int8_weight_only`` (torchao) stores the transformer layers' linear weights in int8 with
+    one scale per output row, halving their memory against bf16; embeddings and the output
+    projection stay in the run's dtype (the fused loss reads the output weight directly).
+    """
+    model.eval()
+    if quantization == "int8_weight_only":
+        quantize_int8_weight_only(model)
+    return model
+
+
+def prepare_teacher(
+    model: nn.Module, state_dict: dict[str, Tensor], quantization: str | None
+) -> nn.Module:
+    """A materialised single-process teacher (tools, tests): load strictly, freeze, then
+    :func:`finish_teacher`. The recipe does the same around sharding."""
+    model.requires_grad_(False)
+    device = next(model.parameters()).device
+    distributed.load_full_state_dict(
+        model, state_dict, device=device, strict=True, broadcast_from_rank0=False
+    )
+    return finish_teacher(model, quantization)
+
+
+def quantize_int8_weight_only(model: nn.Module) -> None:
+    """torchao weight-only int8 on the ``nn.Linear`` layers inside ``model.layers``."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    # Version 1 (AffineQuantizedTensor), on purpose: in torchao 0.15 on CPU, version 2
+    # (Int8Tensor) with bf16 activations gives about 11% relative error per linear layer
+    # (version 1: under 1%); the tiny teacher then agrees with its bf16 self on 58-94% of top-1
+    # predictions instead of 96-99%.
+    # tests/test_recipe.py::test_int8_teacher_stays_close_to_the_bf16_teacher guards this.
+    try:
+        quant_config = Int8WeightOnlyConfig(version=1)
+    except TypeError:  # torchao releases before versioned configs
+        quant_config = Int8WeightOnlyConfig()
+
+    def in_layers(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and name.startswith("layers.")
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*version 1 of Int8WeightOnlyConfig.*")
+        quantize_(model, quant_config, filter_fn=in_layers)
+
+
+def compile_loss(loss: nn.Module | None) -> nn.Module | None:
+    """``torch.compile`` a loss module (the per-chunk work runs inside its forward)."""
+    if loss is None:
+        return None
+    return torch.compile(loss, backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_rank_and_alpha(model: nn.Module) -> tuple[int, float]:
+    """The (shared) rank and alpha of a LoRA/DoRA model's adapters, for merging."""
+    pairs: set[tuple[int, float]] = set()
+    for module in model.modules():
+        lora_a = getattr(module, "lora_a", None)
+        if isinstance(lora_a, nn.Linear):
+            rank = lora_a.out_features
+            alpha = getattr(module, "alpha", None)
+            if alpha is None:  # DoRALinear keeps only the scaling alpha / rank
+                alpha = module.scaling * rank
+            pairs.add((rank, float(alpha)))
+    if len(pairs) != 1:
+        raise ValueError(f"expected one LoRA rank/alpha in the model, found {sorted(pairs)}")
+    return pairs.pop()
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Local names (``q_proj``, ``w1``, ``output`` ...) of the modules that carry adapters."""
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "lora_a", None), nn.Linear)
+    }
+    return sorted(names)
+
+
+def is_dora(model: nn.Module) -> bool:
+    return any(hasattr(module, "initialize_dora_magnitude") for module in model.modules())
+
+
+def describe_parameters(model: nn.Module) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}

@@ -1,0 +1,103 @@
+"""The loss of one micro-batch, for the chunked and the fused paths.
+
+Both compute ``(1 - kd_ratio) * CE + kd_ratio * KD`` where each term is a *sum over the
+micro-batch's tokens divided by the optimizer step's token count* (``num_tokens``: every
+non-ignored target of every micro-batch of the step, on every rank). Back-propagating each
+micro-batch's loss therefore accumulates exactly the gradient of the whole step's mean loss:
+no rescaling afterwards, and no second division (torchtune's KD recipes divide by the
+micro-batch count inside the loss and by the step count again).
+
+Labels passed in are already shifted (:func:`kdtune.training.data.shift_labels`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kdtune.training.lm_head import forward_hidden, output_projection, release_output_projection
+
+
+@dataclass
+class MicroBatchLoss:
+    """One micro-batch's contribution to the step loss.
+
+    ``loss`` is differentiable; ``ce`` and ``kd`` are detached 0-dim tensors (``kd`` is None
+    without a teacher). All three are already divided by the step's token count, so summing
+    them over the step's micro-batches gives the step's mean losses.
+    """
+
+    loss: Tensor
+    ce: Tensor
+    kd: Tensor | None
+
+
+class ChunkedLossStep:
+    """Both models return their logits as a list of chunks; chunked CE and KD losses."""
+
+    def __init__(self, ce_loss: nn.Module, kd_loss: nn.Module | None, kd_ratio: float) -> None:
+        self.ce_loss = ce_loss
+        self.kd_loss = kd_loss
+        self.kd_ratio = kd_ratio
+
+    def __call__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        tokens: Tensor,
+        labels: Tensor,
+        num_tokens: Tensor,
+    ) -> MicroBatchLoss:
+        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
+        student_logits = student(tokens)  # list of [B, S_i, V] chunks
+        if self.kd_ratio == 1.0:
+            with torch.no_grad():  # logged only: no backward through a term weighted 0
+                ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
+        else:
+            ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
+        if teacher is None:
+            return MicroBatchLoss(loss=ce, ce=ce.detach(), kd=None)
+        with torch.no_grad():
+            teacher_logits = teacher(tokens)
+        kd = self.kd_loss(student_logits, teacher_logits, labels, num_tokens=num_tokens)
+        loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
+        return MicroBatchLoss(loss=loss, ce=ce.detach(), kd=kd.detach())
+
+
+class FusedLossStep:
+    """Hidden states and output weights go into the fused loss; no logits are materialised."""
+
+    def __init__(self, fused_loss: nn.Module, kd_ratio: float) -> None:
+        self.fused_loss = fused_loss
+        self.kd_ratio = kd_ratio
+
+    def __call__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        tokens: Tensor,
+        labels: Tensor,
+        num_tokens: Tensor,
+    ) -> MicroBatchLoss:
+        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
+        student_hidden = forward_hidden(student, tokens)  # [B, S, D_s]
+        student_weight, student_bias = output_projection(student)  # [V_s, D_s]
+        with torch.no_grad():
+            teacher_hidden = forward_hidden(teacher, tokens)  # [B, S, D_t]
+            teacher_weight, teacher_bias = output_projection(teacher)  # [V_t, D_t]
+        if teacher_bias is not None:
+            raise ValueError("the fused loss does not support a teacher output bias")
+        out = self.fused_loss(
+            student_hidden,
+            student_weight,
+            labels,
+            kd_ratio=self.kd_ratio,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            student_bias=student_bias,
+            num_tokens=num_tokens,
+        )
+        release_output_projection(teacher)  # the teacher has no backward to reshard it (FSDP2)
+        return MicroBatchLoss(loss=out.loss, ce=out.ce_loss.detach(), kd=out.kd_loss.detach())
