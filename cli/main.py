@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdtune", description="Knowledge-distillation recipes in the style of torchtune."
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join([*COMMANDS, *DELEGATED]) + "}")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="{" + ",".join([*COMMANDS, *DELEGATED]) + "}"
+    )
     for name, command in COMMANDS.items():
         usage_tail = " [key=value ...]" if command.takes_overrides else ""
         sub = subparsers.add_parser(name, help=command.help, description=command.help + usage_tail)
