@@ -46,7 +46,6 @@ a time and no softmax intermediates are kept between forward and backward. Doubl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -56,6 +55,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from kdtune.losses._kernel import chunk_value_and_grads, upcast
+from kdtune.losses._options import (
+    check_common_options,
+    check_kd_options,
+    check_num_tokens,
+    compared_vocab,
+)
 from kdtune.losses.divergences import PerTokenDivergence, get_divergence
 
 Reduction = Literal["mean", "sum"]
@@ -63,65 +68,9 @@ Logits = Sequence[Tensor] | Tensor
 PerTokenLoss = Callable[[Tensor, Tensor], Tensor]
 """``(student [N, V], teacher [N, V] or a placeholder) -> [N]`` on upcast logits."""
 
-_REDUCTIONS = ("mean", "sum")
-
 
 # ------------------------------------------------------------------------------------------------
 # Option validation (raised at construction time by the modules, at call time by the functions)
-
-
-def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-
-
-def _check_common_options(
-    ignore_index: int, reduction: str, num_output_chunks: int | None = None
-) -> None:
-    _check_int("ignore_index", ignore_index)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}.")
-    if num_output_chunks is not None:
-        _check_int("num_output_chunks", num_output_chunks, minimum=1)
-
-
-def _check_kd_options(
-    temperature: float, temperature_squared: bool, vocab_columns: int | None
-) -> None:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise ValueError(
-            f"temperature must be a finite number > 0 (1.0 leaves the logits unchanged), "
-            f"got {temperature!r}."
-        )
-    if not isinstance(temperature_squared, bool):
-        raise ValueError(f"temperature_squared must be True or False, got {temperature_squared!r}.")
-    if vocab_columns is not None:
-        _check_int("vocab_columns", vocab_columns, minimum=1)
-
-
-def _check_num_tokens(num_tokens: Tensor | int | None, reduction: str) -> None:
-    if num_tokens is None:
-        return
-    if reduction != "mean":
-        raise ValueError(
-            f"num_tokens is only used with reduction='mean' (it is the divisor), but reduction="
-            f"{reduction!r}; drop num_tokens or use reduction='mean'."
-        )
-    if isinstance(num_tokens, Tensor):
-        if num_tokens.numel() != 1:
-            raise ValueError(
-                f"num_tokens must be a one-element tensor (the count of non-ignored tokens), "
-                f"got shape {tuple(num_tokens.shape)}."
-            )
-        return
-    _check_int("num_tokens", num_tokens, minimum=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,26 +127,6 @@ def _check_pairs(student_chunks: list[Tensor], teacher_chunks: list[Tensor]) -> 
                 f"has shape {tuple(teacher.shape)}; each chunk pair must cover the same "
                 f"[batch, tokens]."
             )
-
-
-def _compared_vocab(student_vocab: int, teacher_vocab: int, vocab_columns: int | None) -> int:
-    """How many leading vocabulary columns the divergence compares."""
-    if vocab_columns is None:
-        if student_vocab != teacher_vocab:
-            raise ValueError(
-                f"student vocabulary size {student_vocab} differs from teacher vocabulary size "
-                f"{teacher_vocab}. If the extra columns are padding, pass vocab_columns=N to "
-                f"compare only the first N columns of both (N <= "
-                f"{min(student_vocab, teacher_vocab)})."
-            )
-        return student_vocab
-    if vocab_columns > min(student_vocab, teacher_vocab):
-        raise ValueError(
-            f"vocab_columns={vocab_columns} exceeds the vocabulary sizes (student "
-            f"{student_vocab}, teacher {teacher_vocab}); use at most "
-            f"{min(student_vocab, teacher_vocab)}."
-        )
-    return vocab_columns
 
 
 def _split_labels(labels: Tensor, chunks: list[Tensor]) -> tuple[Tensor, ...]:
@@ -342,13 +271,13 @@ def _distillation_loss(
     num_output_chunks: int | None = None,
 ) -> Tensor:
     """The chunked KD loss with already validated options; see :func:`kd_loss`."""
-    _check_num_tokens(num_tokens, reduction)
+    check_num_tokens(num_tokens, reduction)
     student_chunks = _as_chunks(student_logits, "student_logits")
     teacher_chunks = _as_chunks(teacher_logits, "teacher_logits")
     if num_output_chunks is not None:
         _check_chunk_count(len(student_chunks), num_output_chunks, "student_logits")
     _check_pairs(student_chunks, teacher_chunks)
-    vocab = _compared_vocab(student_chunks[0].shape[-1], teacher_chunks[0].shape[-1], vocab_columns)
+    vocab = compared_vocab(student_chunks[0].shape[-1], teacher_chunks[0].shape[-1], vocab_columns)
     label_chunks = _split_labels(labels, student_chunks)
 
     per_token: PerTokenLoss = divergence
@@ -410,8 +339,8 @@ def kd_loss(
             sizes disagree.
     """
     divergence_fn = get_divergence(divergence, **(divergence_params or {}))
-    _check_common_options(ignore_index, reduction)
-    _check_kd_options(temperature, temperature_squared, vocab_columns)
+    check_common_options(ignore_index, reduction)
+    check_kd_options(temperature, temperature_squared, vocab_columns)
     return _distillation_loss(
         student_logits,
         teacher_logits,
@@ -533,7 +462,7 @@ def _cross_entropy_loss(
     num_output_chunks: int | None = None,
 ) -> Tensor:
     """The chunked cross-entropy with already validated options; see :func:`ce_loss`."""
-    _check_num_tokens(num_tokens, reduction)
+    check_num_tokens(num_tokens, reduction)
     chunks = _as_chunks(logits, "logits")
     if num_output_chunks is not None:
         _check_chunk_count(len(chunks), num_output_chunks, "logits")
@@ -571,7 +500,7 @@ def ce_loss(
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 logits).
     """
-    _check_common_options(ignore_index, reduction)
+    check_common_options(ignore_index, reduction)
     return _cross_entropy_loss(
         logits, labels, ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens
     )
@@ -623,8 +552,8 @@ class ChunkedKDLoss(nn.Module):
         self.divergence_name = divergence
         self.divergence_params: dict[str, float] = dict(divergence_params or {})
         self._divergence = get_divergence(divergence, **self.divergence_params)
-        _check_common_options(ignore_index, reduction, num_output_chunks)
-        _check_kd_options(temperature, temperature_squared, vocab_columns)
+        check_common_options(ignore_index, reduction, num_output_chunks)
+        check_kd_options(temperature, temperature_squared, vocab_columns)
         self.num_output_chunks = num_output_chunks
         self.ignore_index = ignore_index
         self.temperature = temperature
@@ -904,7 +833,7 @@ class CEWithChunkedOutputLoss(nn.Module):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
-        _check_common_options(ignore_index, reduction, num_output_chunks)
+        check_common_options(ignore_index, reduction, num_output_chunks)
         self.num_output_chunks = num_output_chunks
         self.ignore_index = ignore_index
         self.reduction = reduction

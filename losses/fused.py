@@ -60,10 +60,16 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from kdtune.losses._kernel import chunk_value_and_grads
+from kdtune.losses._options import (
+    check_common_options,
+    check_int,
+    check_kd_options,
+    check_num_tokens,
+    compared_vocab,
+)
 from kdtune.losses.divergences import PerTokenDivergence, get_divergence
 
 Reduction = Literal["mean", "sum"]
-_REDUCTIONS = ("mean", "sum")
 
 
 class FusedKDOutput(NamedTuple):
@@ -84,13 +90,6 @@ class FusedKDOutput(NamedTuple):
 # Option and input validation
 
 
-def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-
-
 def _check_options(
     num_chunks: int,
     chunk_size: int | None,
@@ -100,26 +99,11 @@ def _check_options(
     reduction: str,
     vocab_columns: int | None,
 ) -> None:
-    _check_int("num_chunks", num_chunks, minimum=1)
+    check_int("num_chunks", num_chunks, minimum=1)
     if chunk_size is not None:
-        _check_int("chunk_size", chunk_size, minimum=1)
-    _check_int("ignore_index", ignore_index)
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise ValueError(
-            f"temperature must be a finite number > 0 (1.0 leaves the logits unchanged), "
-            f"got {temperature!r}."
-        )
-    if not isinstance(temperature_squared, bool):
-        raise ValueError(f"temperature_squared must be True or False, got {temperature_squared!r}.")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}.")
-    if vocab_columns is not None:
-        _check_int("vocab_columns", vocab_columns, minimum=1)
+        check_int("chunk_size", chunk_size, minimum=1)
+    check_common_options(ignore_index, reduction)
+    check_kd_options(temperature, temperature_squared, vocab_columns)
 
 
 def _check_kd_ratio(kd_ratio: float) -> None:
@@ -132,24 +116,6 @@ def _check_kd_ratio(kd_ratio: float) -> None:
             f"kd_ratio must be a number in [0, 1] (the weight of the KD term; the CE term gets "
             f"1 - kd_ratio), got {kd_ratio!r}."
         )
-
-
-def _check_num_tokens(num_tokens: Tensor | int | None, reduction: str) -> None:
-    if num_tokens is None:
-        return
-    if reduction != "mean":
-        raise ValueError(
-            f"num_tokens is only used with reduction='mean' (it is the divisor), but reduction="
-            f"{reduction!r}; drop num_tokens or use reduction='mean'."
-        )
-    if isinstance(num_tokens, Tensor):
-        if num_tokens.numel() != 1:
-            raise ValueError(
-                f"num_tokens must be a one-element tensor (the count of non-ignored tokens), "
-                f"got shape {tuple(num_tokens.shape)}."
-            )
-        return
-    _check_int("num_tokens", num_tokens, minimum=0)
 
 
 def _check_tensor(name: str, value: Any, dims: int, shape_text: str) -> Tensor:
@@ -218,26 +184,6 @@ def _check_labels(labels: Any, batch: int, tokens: int) -> Tensor:
             f"[{batch}, {tokens}]; labels must be [batch, tokens] for the same tokens."
         )
     return labels
-
-
-def _compared_vocab(student_vocab: int, teacher_vocab: int, vocab_columns: int | None) -> int:
-    """How many leading vocabulary columns the KD term compares."""
-    if vocab_columns is None:
-        if student_vocab != teacher_vocab:
-            raise ValueError(
-                f"student vocabulary size {student_vocab} differs from teacher vocabulary size "
-                f"{teacher_vocab}. If the extra columns are padding, build the loss with "
-                f"vocab_columns=N to compare only the first N columns of both (N <= "
-                f"{min(student_vocab, teacher_vocab)})."
-            )
-        return student_vocab
-    if vocab_columns > min(student_vocab, teacher_vocab):
-        raise ValueError(
-            f"vocab_columns={vocab_columns} exceeds the vocabulary sizes (student "
-            f"{student_vocab}, teacher {teacher_vocab}); use at most "
-            f"{min(student_vocab, teacher_vocab)}."
-        )
-    return vocab_columns
 
 
 # ------------------------------------------------------------------------------------------------
@@ -603,7 +549,7 @@ def _teacher_source(
                 f"teacher_logits has shape {tuple(logits.shape)} but student_hidden covers "
                 f"[{batch}, {tokens}]; both must cover the same tokens."
             )
-        columns = _compared_vocab(student_vocab, logits.shape[-1], vocab_columns)
+        columns = compared_vocab(student_vocab, logits.shape[-1], vocab_columns)
         flat = logits.detach().reshape(-1, logits.shape[-1])
         return _TeacherFromLogits(flat, columns), columns
     if teacher_hidden is None or teacher_weight is None:
@@ -617,7 +563,7 @@ def _teacher_source(
             f"[{batch}, {tokens}]; both must cover the same tokens."
         )
     weight, bias = _check_projection("teacher", hidden, teacher_weight, teacher_bias)
-    columns = _compared_vocab(student_vocab, weight.shape[0], vocab_columns)
+    columns = compared_vocab(student_vocab, weight.shape[0], vocab_columns)
     # Only the compared rows of the teacher's projection are ever needed.
     source = _TeacherFromHidden(
         hidden.detach().reshape(-1, hidden.shape[-1]),
@@ -730,7 +676,7 @@ def _fused_loss(
 ) -> FusedKDOutput:
     """:func:`fused_linear_kd_loss` with already validated options."""
     _check_kd_ratio(kd_ratio)
-    _check_num_tokens(num_tokens, reduction)
+    check_num_tokens(num_tokens, reduction)
     hidden = _check_tensor("student_hidden", student_hidden, 3, "[batch, tokens, hidden]")
     _check_float("student_hidden", hidden)
     weight, bias = _check_projection("student", hidden, student_weight, student_bias)
