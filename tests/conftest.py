@@ -33,6 +33,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "huggingface")
 os.environ["TIKTOKEN_CACHE_DIR"] = ""
 
+import sys
+from collections.abc import Callable
+
 import pytest
 
 if TYPE_CHECKING:
@@ -53,3 +56,36 @@ def tiny_assets_llama3(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     from kdtune.assets import make_tiny_assets
 
     return make_tiny_assets(tmp_path_factory.mktemp("tiny_assets_llama3"), vocab="llama3", seed=0)
+
+
+@pytest.fixture
+def one_thread_and_restored_torch_globals():
+    """For end-to-end recipe tests: one torch thread, and torch's global state restored after.
+
+    Tiny models run fastest on one thread (and do not oversubscribe a shared machine). The
+    recipe sets process-wide torch state (``deterministic: true`` sets the deterministic debug
+    mode); restoring it keeps later tests on the defaults. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    debug_mode = torch.get_deterministic_debug_mode()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_deterministic_debug_mode(debug_mode)
+
+
+@pytest.fixture
+def kdtune_run(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, list[str]], None]:
+    """``kdtune_run(config, overrides)``: ``kdtune run knowledge_distillation`` in this process."""
+    from kdtune.cli.main import main as kdtune_main
+
+    def run(config: str, overrides: list[str]) -> None:
+        monkeypatch.setattr(sys, "argv", list(sys.argv))
+        with pytest.raises(SystemExit) as exit_info:
+            kdtune_main(["run", "knowledge_distillation", "--config", config, *overrides])
+        assert exit_info.value.code in (0, None)
+
+    return run

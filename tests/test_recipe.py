@@ -18,26 +18,13 @@ from torchtune._cli.tune import main as tune_main
 from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.assets.models import lora_tiny_student, tiny_student
-from kdtune.cli.main import main as kdtune_main
 from kdtune.training.checkpointing import TRAINING_STATE_FILENAME, latest_checkpoint, read_manifest
 from kdtune.training.metrics import TRAIN_FIELDS, VAL_FIELDS, read_metrics
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_restored_torch_globals():
-    """Tiny models: one thread is fastest and avoids oversubscribing a shared machine.
-
-    The recipe sets process-wide torch state (``deterministic: true`` sets the deterministic
-    debug mode); restore it so later tests in the session see the defaults.
-    """
-    threads = torch.get_num_threads()
-    debug_mode = torch.get_deterministic_debug_mode()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_deterministic_debug_mode(debug_mode)
+pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 
 
 def tune_run(
@@ -50,14 +37,6 @@ def tune_run(
     monkeypatch.setattr(sys, "argv", argv + overrides)
     with pytest.raises(SystemExit) as exit_info:
         tune_main()
-    assert exit_info.value.code in (0, None)
-
-
-def kdtune_run(config: str, overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """``kdtune run knowledge_distillation --config <name> ...`` in this process."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    with pytest.raises(SystemExit) as exit_info:
-        kdtune_main(["run", "knowledge_distillation", "--config", config, *overrides])
     assert exit_info.value.code in (0, None)
 
 
@@ -143,11 +122,11 @@ def test_tune_run_full_student_chunked(tiny_assets, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("adapter", ["lora", "dora"])
-def test_kdtune_run_lora_student_chunked(adapter, tiny_assets, tmp_path, monkeypatch):
+def test_kdtune_run_lora_student_chunked(kdtune_run, adapter, tiny_assets, tmp_path, monkeypatch):
     output_dir = tmp_path / "out"
     use_dora = adapter == "dora"
     overrides = tiny_overrides(tiny_assets, output_dir, f"model.use_dora={str(use_dora).lower()}")
-    kdtune_run("tiny/lora_chunked", overrides, monkeypatch)
+    kdtune_run("tiny/lora_chunked", overrides)
     assert_loss_falls(assert_training_records(output_dir, steps=8))
 
     folder = latest_checkpoint(output_dir)
@@ -187,7 +166,7 @@ def lora_output_differs_from_base(lora: torch.nn.Module, tokens: torch.Tensor) -
 
 
 @pytest.mark.parametrize("student", ["full", "lora"])
-def test_fused_path_matches_chunked_path(student, tiny_assets, tmp_path, monkeypatch):
+def test_fused_path_matches_chunked_path(kdtune_run, student, tiny_assets, tmp_path, monkeypatch):
     """Same seed, same data: the fused and the chunked loss paths log the same numbers."""
     runs = {}
     for path in ("chunked", "fused"):
@@ -197,7 +176,6 @@ def test_fused_path_matches_chunked_path(student, tiny_assets, tmp_path, monkeyp
             tiny_overrides(
                 tiny_assets, output_dir, "max_steps_per_epoch=5", "validate_every_n_steps=null"
             ),
-            monkeypatch,
         )
         runs[path] = assert_training_records(output_dir, steps=5)
         assert latest_checkpoint(output_dir) is not None
@@ -214,9 +192,9 @@ def test_fused_path_matches_chunked_path(student, tiny_assets, tmp_path, monkeyp
     assert val_fused["kl_to_teacher"] == pytest.approx(val_chunked["kl_to_teacher"], rel=1e-4)
 
 
-def test_ce_only_run_without_teacher(tiny_assets, tmp_path, monkeypatch):
+def test_ce_only_run_without_teacher(kdtune_run, tiny_assets, tmp_path, monkeypatch):
     output_dir = tmp_path / "out"
-    kdtune_run("tiny/ce_only", tiny_overrides(tiny_assets, output_dir), monkeypatch)
+    kdtune_run("tiny/ce_only", tiny_overrides(tiny_assets, output_dir))
     records = assert_training_records(output_dir, steps=8, with_teacher=False)
     assert_loss_falls(records)
     assert all(r["kd_loss"] is None and r["loss"] == r["ce_loss"] for r in records)
@@ -225,7 +203,7 @@ def test_ce_only_run_without_teacher(tiny_assets, tmp_path, monkeypatch):
     assert final["perplexity"] == pytest.approx(math.exp(final["ce"]))
 
 
-def test_teacher_null_override_means_ce_only(tiny_assets, tmp_path, monkeypatch):
+def test_teacher_null_override_means_ce_only(kdtune_run, tiny_assets, tmp_path, monkeypatch):
     """``teacher_model=null`` on the command line disables the teacher (not just _component_)."""
     output_dir = tmp_path / "out"
     overrides = tiny_overrides(
@@ -238,12 +216,12 @@ def test_teacher_null_override_means_ce_only(tiny_assets, tmp_path, monkeypatch)
         "max_steps_per_epoch=2",
         "validate_every_n_steps=null",
     )
-    kdtune_run("tiny/full_chunked", overrides, monkeypatch)
+    kdtune_run("tiny/full_chunked", overrides)
     assert_training_records(output_dir, steps=2, with_teacher=False)
 
 
 def test_training_features_bf16_checkpointing_accumulation_int8_teacher(
-    tiny_assets, tmp_path, monkeypatch
+    kdtune_run, tiny_assets, tmp_path, monkeypatch
 ):
     """bf16, activation checkpointing, gradient accumulation and an int8 teacher together."""
     output_dir = tmp_path / "out"
@@ -258,7 +236,7 @@ def test_training_features_bf16_checkpointing_accumulation_int8_teacher(
         "validate_every_n_steps=null",
         "clip_grad_norm=null",
     )
-    kdtune_run("tiny/full_chunked", overrides, monkeypatch)
+    kdtune_run("tiny/full_chunked", overrides)
     records = assert_training_records(output_dir, steps=3)
     assert all(r["grad_norm"] > 0 for r in records)
     saved = load_file(latest_checkpoint(output_dir) / "model-00001-of-00001.safetensors")
@@ -266,16 +244,14 @@ def test_training_features_bf16_checkpointing_accumulation_int8_teacher(
 
 
 @pytest.mark.slow
-def test_compiled_layers_and_loss(tiny_assets, tmp_path, monkeypatch):
+def test_compiled_layers_and_loss(kdtune_run, tiny_assets, tmp_path, monkeypatch):
     """``compile: true`` (eager backend: dynamo traces, no code generation, so it is quick) trains the same."""
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "eager")
     runs = {}
     for compiled in ("false", "true"):
         output_dir = tmp_path / compiled
         extra = (f"compile={compiled}", "max_steps_per_epoch=2", "validate_every_n_steps=null")
-        kdtune_run(
-            "tiny/full_chunked", tiny_overrides(tiny_assets, output_dir, *extra), monkeypatch
-        )
+        kdtune_run("tiny/full_chunked", tiny_overrides(tiny_assets, output_dir, *extra))
         runs[compiled] = assert_training_records(output_dir, steps=2)
     for eager, compiled in zip(runs["false"], runs["true"]):
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)

@@ -25,26 +25,7 @@ from kdtune.training.metrics import read_metrics
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_restored_torch_globals():
-    """Tiny models: one thread is fastest and avoids oversubscribing a shared machine.
-
-    The recipe sets process-wide torch state (``deterministic: true`` sets the deterministic
-    debug mode); restore it so later tests in the session see the defaults.
-    """
-    threads = torch.get_num_threads()
-    debug_mode = torch.get_deterministic_debug_mode()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_deterministic_debug_mode(debug_mode)
-
-
-def kdtune_run(config: str, overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    with pytest.raises(SystemExit) as exit_info:
-        kdtune_main(["run", "knowledge_distillation", "--config", config, *overrides])
-    assert exit_info.value.code in (0, None)
+pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 
 
 def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -72,24 +53,22 @@ RESUME_OVERRIDES = (
 
 @pytest.mark.slow
 @pytest.mark.parametrize("student", ["full", "lora"])
-def test_resume_mid_epoch_is_bitwise_exact(student, tiny_assets, tmp_path, monkeypatch):
+def test_resume_mid_epoch_is_bitwise_exact(kdtune_run, student, tiny_assets, tmp_path, monkeypatch):
     config = f"tiny/{student}_chunked"
     common = [f"assets_dir={tiny_assets.root}", *RESUME_OVERRIDES]
     if student == "lora":
         common.append("model.lora_dropout=0.1")  # training draws random numbers: RNG must resume
 
     straight = tmp_path / "straight"
-    kdtune_run(config, [*common, f"output_dir={straight}"], monkeypatch)
+    kdtune_run(config, [*common, f"output_dir={straight}"])
 
     resumed = tmp_path / "resumed"
-    kdtune_run(config, [*common, f"output_dir={resumed}", "stop_after_steps=2"], monkeypatch)
+    kdtune_run(config, [*common, f"output_dir={resumed}", "stop_after_steps=2"])
     stopped_at = latest_checkpoint(resumed)
     manifest = read_manifest(stopped_at)
     assert (manifest["step"], manifest["epoch"], manifest["steps_in_epoch"]) == (2, 0, 2)
     assert manifest["final"] is False
-    kdtune_run(
-        config, [*common, f"output_dir={resumed}", "resume_from_checkpoint=true"], monkeypatch
-    )
+    kdtune_run(config, [*common, f"output_dir={resumed}", "resume_from_checkpoint=true"])
 
     final_straight, final_resumed = latest_checkpoint(straight), latest_checkpoint(resumed)
     assert final_straight.name == final_resumed.name == "step_0000006"
@@ -160,7 +139,9 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four(loss_path, tiny_asset
         )
 
 
-def test_crash_while_saving_keeps_previous_checkpoint(tiny_assets, tmp_path, monkeypatch):
+def test_crash_while_saving_keeps_previous_checkpoint(
+    kdtune_run, tiny_assets, tmp_path, monkeypatch
+):
     """The second save dies half-way: step 2 stays complete and resuming from it finishes."""
     output_dir = tmp_path / "out"
     common = [
@@ -189,16 +170,14 @@ def test_crash_while_saving_keeps_previous_checkpoint(tiny_assets, tmp_path, mon
 
     monkeypatch.setattr(checkpointing, "_torch_save_atomic", real_save)
     kdtune_run(
-        "tiny/full_chunked",
-        [*common, "resume_from_checkpoint=true", "keep_last_n_checkpoints=2"],
-        monkeypatch,
+        "tiny/full_chunked", [*common, "resume_from_checkpoint=true", "keep_last_n_checkpoints=2"]
     )
     assert [f.name for f in complete_checkpoints(output_dir)] == ["step_0000004", "step_0000006"]
     assert not list((output_dir / "checkpoints").glob(".staging_*"))
     assert [r["step"] for r in read_metrics(output_dir, kind="train")] == list(range(1, 7))
 
 
-def test_runs_never_mix_in_one_output_dir(tiny_assets, tmp_path, monkeypatch):
+def test_runs_never_mix_in_one_output_dir(kdtune_run, tiny_assets, tmp_path, monkeypatch):
     output_dir = tmp_path / "out"
     common = [
         f"assets_dir={tiny_assets.root}",
@@ -206,7 +185,7 @@ def test_runs_never_mix_in_one_output_dir(tiny_assets, tmp_path, monkeypatch):
         "max_steps_per_epoch=4",
         "validate_every_n_steps=null",
     ]
-    kdtune_run("tiny/full_chunked", [*common, "stop_after_steps=2"], monkeypatch)
+    kdtune_run("tiny/full_chunked", [*common, "stop_after_steps=2"])
     argv = ["run", "knowledge_distillation", "--config", "tiny/full_chunked", *common]
     with pytest.raises(ValueError, match="already holds checkpoints"):
         kdtune_main(argv)  # a fresh run would leave the old step_2 to be resumed later
