@@ -1,0 +1,108 @@
+"""Held-out metrics of a model on the demo task, at every position whose truth is known.
+
+A *task position* is a position of an answer whose next token is an answer word or the
+``<|eot_id|>`` that ends it (the chain's end state). Its true next-token distribution is a row of
+the chain (:mod:`kdtune.demo.task`) placed on the word tokens (:class:`WordTokens`). Per task
+position, for a model with next-token distribution ``q``:
+
+- ``ce``: ``-log q(observed token)``, the loss against the data (perplexity is ``exp`` of its
+  mean); its expectation is the truth's entropy plus ``true_kl``, so the entropy is the floor.
+- ``true_kl``: ``KL(truth || q)``, exact (the truth is known, no sampling noise per position).
+- ``teacher_kl``: ``KL(teacher || q)``, the quantity forward-KL distillation minimises.
+- ``top1``: whether ``argmax q`` is the most likely true next token.
+
+All are means over task positions (each answer token counts once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdtune.demo.task import ChainTask
+from kdtune.demo.tokenizer import WordTokens
+
+METRIC_NAMES: tuple[str, ...] = ("ce", "ppl", "true_kl", "teacher_kl", "top1")
+
+
+def true_next_token_probs(
+    task: ChainTask, tokens: WordTokens, start: int, output: list[int], vocab_size: int
+) -> Tensor:
+    """True next-token distributions at the task positions of one answer.
+
+    Position ``k`` predicts answer token ``k`` (``len(output)`` words, then the end token).
+    Returns float64 ``[len(output) + 1, vocab_size]``, each row summing to 1.
+    """
+    probs = torch.zeros(len(output) + 1, vocab_size, dtype=torch.float64)
+    probs[0, list(tokens.first)] = torch.tensor(task.first_step_probs(start), dtype=torch.float64)
+    later_ids = [*tokens.later, tokens.end]
+    for k, word in enumerate(output, start=1):
+        probs[k, later_ids] = torch.tensor(task.next_step_probs(word), dtype=torch.float64)
+    return probs
+
+
+def kl_per_row(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` per row from log-probabilities ``[N, V]`` -> ``[N]``; ``0 log 0 = 0``."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+@dataclass
+class MetricSums:
+    """Running sums over task positions; :meth:`means` turns them into the table's numbers."""
+
+    positions: int = 0
+    ce: float = 0.0
+    true_kl: float = 0.0
+    teacher_kl: float = 0.0
+    top1: float = 0.0
+    has_teacher: bool = field(default=True)
+
+    def add(
+        self,
+        logits: Tensor,
+        true_probs: Tensor,
+        targets: Tensor,
+        teacher_logits: Tensor | None,
+    ) -> None:
+        """Add ``N`` task positions.
+
+        Args:
+            logits: ``[N, V]`` the model's next-token logits (any float dtype; computed in fp64).
+            true_probs: ``[N, V]`` the true next-token distributions.
+            targets: ``[N]`` the observed next tokens.
+            teacher_logits: ``[N, V]`` the teacher's logits, or None (``teacher_kl`` is then NaN).
+        """
+        log_q = F.log_softmax(logits.double(), dim=-1)
+        log_truth = true_probs.double().log()
+        self.positions += logits.shape[0]
+        self.ce += -log_q.gather(1, targets[:, None]).sum().item()
+        self.true_kl += kl_per_row(log_truth, log_q).sum().item()
+        self.top1 += (logits.argmax(-1) == true_probs.argmax(-1)).sum().item()
+        if teacher_logits is None:
+            self.has_teacher = False
+        else:
+            log_p = F.log_softmax(teacher_logits.double(), dim=-1)
+            self.teacher_kl += kl_per_row(log_p, log_q).sum().item()
+
+    def means(self) -> dict[str, float]:
+        if self.positions == 0:
+            raise ValueError("no task positions were evaluated (empty held-out set?)")
+        n = self.positions
+        return {
+            "ce": self.ce / n,
+            "ppl": math.exp(self.ce / n),
+            "true_kl": self.true_kl / n,
+            "teacher_kl": self.teacher_kl / n if self.has_teacher else math.nan,
+            "top1": self.top1 / n,
+        }
+
+
+def truth_entropy(true_probs: Tensor) -> Tensor:
+    """Entropy per row of ``[N, V]`` distributions, ``[N]``: the floor of the expected CE."""
+    log_p = true_probs.double().log()
+    return -torch.where(true_probs > 0, true_probs * log_p, torch.zeros_like(log_p)).sum(-1)
