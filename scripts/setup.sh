@@ -28,5 +28,5 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # (or one pulled in by another package) may download a multi-GB CUDA build instead.
 "${pip[@]}" "torch==2.13.0"
 "${pip[@]}" -e ".${extras}"
-"$venv/bin/python" -c "import torch, torchtune, kdtune; print('kdtune setup: torch', torch.__version__, '| torchtune', torchtune.__version__)"
+"$venv/bin/python" -c "import kdtune, torch, torchtune; print('kdtune setup: torch', torch.__version__, '| torchtune', torchtune.__version__)"
 echo "$fingerprint" > "$stamp"
