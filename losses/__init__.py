@@ -21,7 +21,7 @@ from kdtune.losses.chunked import (
     tvd_loss,
 )
 from kdtune.losses.divergences import DIVERGENCES, get_divergence
-from kdtune.losses.fused import FusedKDOutput, FusedLinearKDLoss
+from kdtune.losses.fused import FusedKDOutput, FusedLinearKDLoss, fused_linear_kd_loss
 
 __all__ = [
     "DIVERGENCES",
@@ -38,6 +38,7 @@ __all__ = [
     "TVDWithChunkedOutputLoss",
     "ce_loss",
     "forward_kl_loss",
+    "fused_linear_kd_loss",
     "get_divergence",
     "jsd_loss",
     "kd_loss",
