@@ -110,11 +110,10 @@ def full_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     return step
 
 
-def torchtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
-    from torchtune.modules.loss import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
-
-    ce_fn = CEWithChunkedOutputLoss(TORCHTUNE_CHUNKS)
-    kd_fn = ForwardKLWithChunkedOutputLoss(TORCHTUNE_CHUNKS)
+def _chunked_head_step(
+    inputs: Inputs, ce_fn: torch.nn.Module, kd_fn: torch.nn.Module
+) -> Callable[[], Tensor]:
+    """One forward+backward of the chunked head with a chunked CE and KD loss pair."""
 
     def step() -> Tensor:
         student = _chunked_head(inputs.student_hidden, inputs.student_weight)
@@ -127,25 +126,26 @@ def torchtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
         return loss.detach()
 
     return step
+
+
+def torchtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
+    from torchtune.modules.loss import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
+
+    return _chunked_head_step(
+        inputs,
+        CEWithChunkedOutputLoss(TORCHTUNE_CHUNKS),
+        ForwardKLWithChunkedOutputLoss(TORCHTUNE_CHUNKS),
+    )
 
 
 def kdtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     from kdtune.losses.chunked import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
 
-    ce_fn = CEWithChunkedOutputLoss(TORCHTUNE_CHUNKS)
-    kd_fn = ForwardKLWithChunkedOutputLoss(TORCHTUNE_CHUNKS)
-
-    def step() -> Tensor:
-        student = _chunked_head(inputs.student_hidden, inputs.student_weight)
-        with torch.no_grad():
-            teacher = _chunked_head(inputs.teacher_hidden, inputs.teacher_weight)
-        loss = (1 - KD_RATIO) * ce_fn(student, inputs.labels) + KD_RATIO * kd_fn(
-            student, teacher, inputs.labels
-        )
-        loss.backward()
-        return loss.detach()
-
-    return step
+    return _chunked_head_step(
+        inputs,
+        CEWithChunkedOutputLoss(TORCHTUNE_CHUNKS),
+        ForwardKLWithChunkedOutputLoss(TORCHTUNE_CHUNKS),
+    )
 
 
 def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
