@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def _status_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def cases_from_args(args: argparse.Namespace) -> Iterator[Case]:
+    """Every (S, dtype, weight, variant) case the command line asks for, in that loop order."""
+    for seq in args.seq:
+        for dtype in args.dtype:
+            for weight in args.weight:
+                for variant in args.variants:
+                    yield Case(
+                        variant=variant,
+                        seq=seq,
+                        dtype=dtype,
+                        trainable=weight == "trainable",
+                        vocab=args.vocab,
+                        hidden=args.hidden,
+                        teacher_hidden=args.teacher_hidden,
+                        rows=args.chunk_size,
+                        warmup=args.warmup,
+                        repeats=args.repeats,
+                    )
 
 
 def run_worker(case: Case) -> dict:
@@ -346,32 +367,17 @@ def main(argv: list[str] | None = None) -> None:
     previous = json.loads(args.out.read_text()) if args.append and args.out.exists() else {}
     rows = list(previous.get("results", []))
     commands = [*previous.get("commands", []), " ".join([Path(sys.executable).name, *sys.argv])]
-    for seq in args.seq:
-        for dtype in args.dtype:
-            for weight in args.weight:
-                for variant in args.variants:
-                    case = Case(
-                        variant=variant,
-                        seq=seq,
-                        dtype=dtype,
-                        trainable=weight == "trainable",
-                        vocab=args.vocab,
-                        hidden=args.hidden,
-                        teacher_hidden=args.teacher_hidden,
-                        rows=args.chunk_size,
-                        warmup=args.warmup,
-                        repeats=args.repeats,
-                    )
-                    estimate = estimate_gib(case)
-                    if seq > args.long_from and variant not in args.only_long:
-                        result = {"status": "not run", "reason": f"only {args.only_long} at S>"}
-                    elif estimate > args.cap_gib:
-                        result = {"status": "skipped"}
-                    else:
-                        result = launch(case, args.timeout)
-                    row = {**asdict(case), "estimate_gib": estimate, **result}
-                    rows.append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
+    for case in cases_from_args(args):
+        estimate = estimate_gib(case)
+        if case.seq > args.long_from and case.variant not in args.only_long:
+            result = {"status": "not run", "reason": f"only {args.only_long} at S>"}
+        elif estimate > args.cap_gib:
+            result = {"status": "skipped"}
+        else:
+            result = launch(case, args.timeout)
+        row = {**asdict(case), "estimate_gib": estimate, **result}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     table = format_table(rows)
     print(table)
     if args.out:

@@ -49,7 +49,13 @@ def _ensure_kdtune_importable() -> None:
 
 _ensure_kdtune_importable()
 
-from bench_losses import Case, estimate_gib, format_table, versions  # noqa: E402
+from bench_losses import (  # noqa: E402
+    Case,
+    cases_from_args,
+    estimate_gib,
+    format_table,
+    versions,
+)
 from variants import STEPS, VARIANTS, make_inputs  # noqa: E402
 
 
@@ -199,24 +205,9 @@ def main() -> None:
     check = check_fused_against_reference(device)
     print(json.dumps({"correctness": check}), flush=True)
     rows = []
-    for seq in args.seq:
-        for dtype in args.dtype:
-            for weight in args.weight:
-                for variant in args.variants:
-                    case = Case(
-                        variant=variant,
-                        seq=seq,
-                        dtype=dtype,
-                        trainable=weight == "trainable",
-                        vocab=args.vocab,
-                        hidden=args.hidden,
-                        teacher_hidden=args.teacher_hidden,
-                        rows=args.chunk_size,
-                        warmup=args.warmup,
-                        repeats=args.repeats,
-                    )
-                    rows.append(run_case(case, device, cap_gib))
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for case in cases_from_args(args):
+        rows.append(run_case(case, device, cap_gib))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     table = format_table(rows)
     print(table)
     print(f"total {time.perf_counter() - began:.0f} s")
