@@ -45,7 +45,6 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchtune import config, training, utils
-from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
@@ -59,6 +58,7 @@ from kdtune.training.config_checks import (
     is_fused_loss,
     kd_vocab_columns,
     loss_chunks,
+    normalize_null_components,
     tokenizer_max_id,
 )
 from kdtune.training.data import (
@@ -69,18 +69,16 @@ from kdtune.training.data import (
     sft_collate,
     shift_labels,
 )
-from kdtune.training.metrics import MetricsWriter
+from kdtune.training.metrics import MetricsWriter, PendingStep, StepLosses, train_records
 from kdtune.training.runtime import (
     Runtime,
     build_model,
     compile_loss,
     finish_teacher,
     freeze_all_but_adapters,
-    is_dora,
     load_weights,
-    lora_rank_and_alpha,
-    lora_target_modules,
-    prepare_for_training,
+    prepare_student,
+    prepare_teacher_for_sharding,
     set_determinism,
     setup_runtime,
     student_state_dict,
@@ -90,16 +88,6 @@ from kdtune.training.steps import ChunkedLossStep, FusedLossStep, MicroBatchLoss
 from kdtune.training.validation import validate
 
 log = utils.get_logger("INFO")
-
-# Settings of a run that must not change across a resume, or the resumed run would not continue
-# the same sequence of batches and steps.
-_RESUME_INVARIANTS = (
-    "seed",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "steps_per_epoch",
-    "world_size",
-)
 
 
 class KDRecipe(FTRecipeInterface):
@@ -113,6 +101,7 @@ class KDRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        cfg = normalize_null_components(cfg)
         check_config(cfg)
         self._cfg = cfg
         self._runtime: Runtime = setup_runtime(cfg)
@@ -124,16 +113,25 @@ class KDRecipe(FTRecipeInterface):
         self.epoch = 0
         self.steps_in_epoch = 0
         self._metrics = MetricsWriter(self._output_dir, enabled=self._runtime.is_main)
+        self._pending: list[PendingStep] = []  # steps not yet written (see _write_pending_steps)
 
     # ------------------------------------------------------------------------------------------
     # Setup
 
     def setup(self, cfg: DictConfig) -> None:
-        """Tokenizer, vocabulary checks, models, losses, optimizer, data, scheduler, state."""
+        """Tokenizer, vocabulary checks, models, losses, optimizer, data, scheduler, state.
+
+        ``cfg`` is the constructor's (torchtune's interface passes it again); the checked copy
+        from the constructor is used.
+        """
+        cfg = self._cfg
         runtime = self._runtime
-        resume_folder, resumed = self._read_resume_state(cfg)
+        resume_folder, resumed = ckpt.read_resume_state(
+            cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main
+        )
         if resumed is not None:
-            self._restore_seed(resumed)
+            seed = ckpt.saved_seed(resumed, cfg.seed)
+            self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
 
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._check_vocabularies(cfg)
@@ -189,38 +187,6 @@ class KDRecipe(FTRecipeInterface):
             f"{parameter_memory['param_memory_gib']}"
         )
 
-    def _read_resume_state(self, cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
-        """The checkpoint to resume from and its training state, or ``(None, None)``.
-
-        Rank 0 alone looks for and reads the checkpoint (the other ranks need neither the
-        files nor the memory of the optimizer state) and shares the rest; an error there is
-        raised on every rank.
-        """
-        folder = state = shared = error = None
-        if self._runtime.is_main:
-            try:
-                folder = ckpt.resolve_resume_folder(cfg.output_dir, cfg.resume_from_checkpoint)
-                state = ckpt.load_training_state(folder) if folder is not None else None
-            except ValueError as raised:
-                error = raised
-            if state is not None:
-                shared = {key: value for key, value in state.items() if key != "optimizer"}
-        folder, shared, error = distributed.broadcast_object((folder, shared, error))
-        if error is not None:
-            raise error
-        if state is not None:  # rank 0 keeps the optimizer state to broadcast it later
-            shared["optimizer"] = state["optimizer"]
-        return folder, shared
-
-    def _restore_seed(self, resumed: dict[str, Any]) -> None:
-        saved = resumed["run"]["seed"]
-        if self._cfg.seed is not None and self._cfg.seed != saved:
-            raise ValueError(
-                f"seed = {self._cfg.seed} but the checkpoint was trained with seed {saved}: "
-                f"resume with seed={saved} (or null)"
-            )
-        self.seed = set_determinism(saved, self._cfg.deterministic, self._runtime.device)
-
     def _check_vocabularies(self, cfg: DictConfig) -> None:
         """Vocab sizes of student, teacher and tokenizer agree (models built on meta)."""
         student = describe_model(cfg.model)
@@ -239,10 +205,9 @@ class KDRecipe(FTRecipeInterface):
                 "builder): set it to false for a full-parameter student"
             )
         state = self._student_state(cfg, model, resume_folder) if runtime.is_main else None
-        prepare_for_training(
+        prepare_student(
             model,
             runtime,
-            trainable=True,
             activation_checkpointing=cfg.enable_activation_checkpointing,
             compile_layers=cfg.compile,
         )
@@ -287,13 +252,7 @@ class KDRecipe(FTRecipeInterface):
         if runtime.is_main:
             checkpointer = config.instantiate(cfg.teacher_checkpointer)
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-        prepare_for_training(
-            teacher,
-            runtime,
-            trainable=False,
-            activation_checkpointing=False,  # no backward through the teacher
-            compile_layers=cfg.compile,
-        )
+        prepare_teacher_for_sharding(teacher, runtime, compile_layers=cfg.compile)
         load_weights(teacher, state, runtime)
         del state
         return finish_teacher(teacher, cfg.teacher_quantization)
@@ -386,19 +345,9 @@ class KDRecipe(FTRecipeInterface):
 
     def _restore_progress(self, resumed: dict[str, Any]) -> None:
         """Progress counters and the data-loader position of a resumed run."""
-        saved, now = resumed["run"], self._run_invariants()
-        for key in _RESUME_INVARIANTS:
-            if saved[key] != now[key]:
-                raise ValueError(
-                    f"cannot resume exactly: {key} was {saved[key]} in the checkpoint and is "
-                    f"{now[key]} now; resume with the checkpoint's settings (batch_size, "
-                    "gradient_accumulation_steps, max_steps_per_epoch, seed, process count)"
-                )
-        progress = resumed["progress"]
-        self.global_step = progress["global_step"]
-        self.epoch, self.steps_in_epoch = progress["epoch"], progress["steps_in_epoch"]
-        if self.steps_in_epoch >= self._steps_per_epoch:  # saved at the end of an epoch
-            self.epoch, self.steps_in_epoch = self.epoch + 1, 0
+        self.global_step, self.epoch, self.steps_in_epoch = ckpt.resumed_progress(
+            resumed, self._run_invariants(), self._steps_per_epoch
+        )
         if self.steps_in_epoch > 0:
             self._dataloader.load_state_dict(resumed["dataloader"])
 
@@ -408,28 +357,30 @@ class KDRecipe(FTRecipeInterface):
     def accumulate_gradients(self, micro_batches: list[dict[str, Tensor]]) -> dict[str, Any]:
         """Forward and backward over one optimizer step's micro-batches (no optimizer step).
 
-        Every micro-batch loss is divided by the step's total target-token count, so the
-        accumulated gradient is the gradient of the step's mean loss.
-
         Returns:
             ``{"loss", "ce_loss", "kd_loss"}`` (step means; ``kd_loss`` None without a
-            teacher) and ``"num_tokens"`` (the step's target tokens over all ranks).
+            teacher) and ``"num_tokens"`` (the step's target tokens over all ranks), as Python
+            numbers (one host sync; the training loop reads them only when it logs).
         """
+        return self._accumulate(micro_batches).to_host()
+
+    def _accumulate(self, micro_batches: list[dict[str, Tensor]]) -> StepLosses:
+        """The KD step: every micro-batch loss is its token sum divided by the step's target
+        token count (all micro-batches, all ranks), so the accumulated gradient is the gradient
+        of the step's mean loss. No host sync: the results stay on the device."""
         device = self._runtime.device
         batches = [batch_to_device(batch, device) for batch in micro_batches]
         labels = [shift_labels(batch["labels"], self._ignore_index) for batch in batches]
         num_tokens = distributed.all_reduce_sum(count_loss_tokens(labels, self._ignore_index))
         parts: list[MicroBatchLoss] = []
-        for batch, shifted in zip(batches, labels):
+        for index, (batch, shifted) in enumerate(zip(batches, labels)):
+            # FSDP2 reduce-scatters the gradients once, in the last micro-batch's backward.
+            distributed.set_gradient_sync(self._student, index == len(batches) - 1)
             part = self._loss_step(
                 self._student, self._teacher, batch["tokens"], shifted, num_tokens
             )
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))
-        return self._step_losses(parts, num_tokens)
-
-    def _step_losses(self, parts: list[MicroBatchLoss], num_tokens: Tensor) -> dict[str, Any]:
-        """Sum the micro-batch terms (each already divided by the step's count) over ranks."""
         has_kd = parts[0].kd is not None
         no_kd = torch.zeros((), device=parts[0].loss.device)
         local = torch.stack(
@@ -439,19 +390,11 @@ class KDRecipe(FTRecipeInterface):
                 torch.stack([p.kd.float() for p in parts]).sum() if has_kd else no_kd,
             ]
         )
-        total = distributed.all_reduce_sum(local).tolist()
-        return {
-            "loss": total[0],
-            "ce_loss": total[1],
-            "kd_loss": total[2] if has_kd else None,
-            "num_tokens": int(num_tokens.item()),
-        }
+        return StepLosses(distributed.all_reduce_sum(local), num_tokens, has_kd)
 
-    def _optimizer_step(self) -> float:
-        """Clip (if configured), step optimizer and scheduler; return the pre-clip grad norm.
-
-        The norm covers every rank's gradient shards (the same value on every rank).
-        """
+    def _optimizer_step(self) -> Tensor:
+        """Clip (if configured), step optimizer and scheduler; return the pre-clip grad norm
+        (0-dim, on the device; the same value on every rank: it covers every rank's shards)."""
         max_norm = self._cfg.clip_grad_norm
         grad_norm = distributed.clip_grad_norm_(
             self._student, max_norm=float(max_norm) if max_norm is not None else math.inf
@@ -460,7 +403,7 @@ class KDRecipe(FTRecipeInterface):
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
-        return float(grad_norm.item())
+        return grad_norm
 
     def _stop_requested(self) -> bool:
         stop = self._cfg.stop_after_steps
@@ -493,6 +436,7 @@ class KDRecipe(FTRecipeInterface):
                     saved_at = self.global_step
             if self.steps_in_epoch >= self._steps_per_epoch:
                 self.epoch, self.steps_in_epoch = self.epoch + 1, 0
+        self._write_pending_steps()
         progress.close()
         finished = self.epoch >= int(cfg.epochs)
         if finished and validated_at != self.global_step:
@@ -505,34 +449,49 @@ class KDRecipe(FTRecipeInterface):
 
     def _train_step(self, micro_batches: list[dict[str, Tensor]], progress: tqdm) -> None:
         started = time.perf_counter()
-        losses = self.accumulate_gradients(micro_batches)
+        losses = self._accumulate(micro_batches)
         lr = self._optimizer.param_groups[0]["lr"]
         grad_norm = self._optimizer_step()
         self.global_step += 1
         self.steps_in_epoch += 1
-        seconds = time.perf_counter() - started
-        peaks = distributed.gather_from_ranks(distributed.peak_memory_gib(self._runtime.device))
-        record = {
-            "kind": "train",
-            "step": self.global_step,
-            "epoch": self.epoch,
-            **losses,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_second": losses["num_tokens"] / seconds,
-            "step_seconds": seconds,
-            "peak_memory_gib": max(peaks),
-        }
-        self._metrics.write(record)
+        self._pending.append(
+            PendingStep(
+                step=self.global_step,
+                epoch=self.epoch,
+                lr=lr,
+                seconds=time.perf_counter() - started,
+                peak_memory_gib=distributed.peak_memory_gib(self._runtime.device),
+                losses=losses,
+                grad_norm=grad_norm,
+            )
+        )
         progress.update(1)
         if self.global_step % self._cfg.log_every_n_steps == 0:
+            self._write_pending_steps(progress)
+
+    def _write_pending_steps(self, progress: tqdm | None = None) -> None:
+        """Read the device values of the steps since the last write (one host sync, one
+        gather of every rank's peaks) and write their records; a logging step's record also
+        goes to the progress bar and the metric logger. A collective: every rank calls it at
+        the same steps."""
+        if not self._pending:
+            return
+        peaks_by_rank = distributed.gather_objects([p.peak_memory_gib for p in self._pending])
+        records = train_records(self._pending, peaks_by_rank)
+        for index, record in enumerate(records):
+            self._metrics.write(record)
+            if record["step"] % self._cfg.log_every_n_steps != 0:
+                continue
+            peaks = [float(rank_peaks[index]) for rank_peaks in peaks_by_rank]
             self._metrics.write(
-                {"kind": "memory", "step": self.global_step, "peak_memory_gib": peaks}
+                {"kind": "memory", "step": record["step"], "peak_memory_gib": peaks}
             )
-            progress.set_postfix(
-                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}"
-            )
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}"
+                )
             self._log_to_metric_logger(record, prefix="")
+        self._pending = []
 
     def _log_to_metric_logger(self, record: dict[str, Any], prefix: str) -> None:
         if self._metric_logger is None:
@@ -545,6 +504,7 @@ class KDRecipe(FTRecipeInterface):
         self._metric_logger.log_dict(payload, step=self.global_step)
 
     def _validate(self) -> None:
+        self._write_pending_steps()
         if self._val_dataloader is None:
             return
         result = validate(
@@ -577,6 +537,7 @@ class KDRecipe(FTRecipeInterface):
         Returns:
             The checkpoint folder on rank 0, None on the other ranks.
         """
+        self._write_pending_steps()
         adapter_only = self._is_lora and bool(self._cfg.save_adapter_weights_only)
         # Collectives: every rank gathers, rank 0 receives.
         state = distributed.gather_full_state_dict(self._student, trainable_only=adapter_only)
@@ -586,20 +547,24 @@ class KDRecipe(FTRecipeInterface):
         rng = distributed.gather_objects(ckpt.capture_rng_state(self._runtime.device))
         folder = None
         if self._runtime.is_main:
-            folder = self._write_checkpoint(state, optimizer_state, rng, adapter_only, final)
+            folder = ckpt.save_step_checkpoint(
+                self._output_dir,
+                self.global_step,
+                checkpointer=self._checkpointer,
+                weights=ckpt.weights_to_save(
+                    self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
+                ),
+                adapter_only=adapter_only,
+                training_state=self._training_state(optimizer_state, rng),
+                manifest=self._manifest(adapter_only, final),
+                keep_last=self._cfg.keep_last_n_checkpoints,
+            )
         del state, optimizer_state
         distributed.barrier()  # no rank goes on, or ends, before the checkpoint is complete
         return folder
 
-    def _write_checkpoint(
-        self,
-        state: dict[str, Tensor],
-        optimizer_state: dict[str, Any],
-        rng: list[dict[str, Any]],
-        adapter_only: bool,
-        final: bool,
-    ) -> Path:
-        training_state = {
+    def _training_state(self, optimizer_state: dict[str, Any], rng: list[Any]) -> dict[str, Any]:
+        return {
             "optimizer": optimizer_state,
             # Every rank is at the same batch of its shard, and the loader's state holds no
             # rank, so rank 0's position serves all ranks (for the same process count).
@@ -612,7 +577,9 @@ class KDRecipe(FTRecipeInterface):
                 "steps_in_epoch": self.steps_in_epoch,
             },
         }
-        manifest = {
+
+    def _manifest(self, adapter_only: bool, final: bool) -> dict[str, Any]:
+        return {
             "kdtune_version": __version__,
             "final": final,
             "epoch": self.epoch,
@@ -622,45 +589,10 @@ class KDRecipe(FTRecipeInterface):
             "merged_weights": not adapter_only,
             "world_size": self._runtime.world_size,
         }
-        weights = self._weights_to_save(state, adapter_only)
-        folder = ckpt.save_checkpoint_folder(
-            self._output_dir,
-            self.global_step,
-            lambda staging: ckpt.write_hf_weights(
-                self._checkpointer, weights, staging, adapter_only
-            ),
-            training_state,
-            manifest,
-        )
-        ckpt.prune_checkpoints(self._output_dir, self._cfg.keep_last_n_checkpoints)
-        log.info(f"saved checkpoint {folder}")
-        return folder
-
-    def _weights_to_save(self, state: dict[str, Tensor], adapter_only: bool) -> dict[str, Any]:
-        """The checkpointer's input: full weights, or adapter (+ merged) weights for LoRA.
-
-        ``state`` is the full state dict, or only the adapters when ``adapter_only``.
-        """
-        if not self._is_lora:
-            return {training.MODEL_KEY: state}
-        rank, alpha = lora_rank_and_alpha(self._student)
-        weights: dict[str, Any] = {
-            training.ADAPTER_KEY: get_adapter_state_dict(state),
-            training.ADAPTER_CONFIG: {
-                "r": rank,
-                "lora_alpha": alpha,
-                "target_modules": lora_target_modules(self._student),
-                "peft_type": "LORA",
-                "use_dora": is_dora(self._student),
-            },
-        }
-        if not adapter_only:
-            # get_merged_lora_ckpt merges in place; the gathered dict is ours alone.
-            weights[training.MODEL_KEY] = get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
-        return weights
 
     def cleanup(self) -> None:
-        if self._metric_logger is not None:
+        """Close the metric logger (also after a failed setup)."""
+        if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
 
 
@@ -672,11 +604,16 @@ def recipe_main(cfg: DictConfig) -> None:
     the recipe starts it and this ends it (barrier, then ``destroy_process_group``).
     """
     recipe = KDRecipe(cfg=cfg)
-    config.log_config(recipe_name="KDRecipe", cfg=cfg)  # rank 0 only, once the group exists
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
-    distributed.teardown()
+    finished = False
+    try:
+        config.log_config(recipe_name="KDRecipe", cfg=cfg)  # rank 0 only, once the group exists
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        finished = True
+    finally:
+        recipe.cleanup()
+        # After a failure no barrier: the other ranks may never reach it.
+        distributed.teardown(wait_for_all=finished)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -84,29 +81,11 @@ def tiny_llama_parameter_count() -> int:
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+def fsdp(tmp_path_factory: pytest.TempPathFactory, launch) -> tuple[dict[str, Any], Path]:
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("this torch build has no torch.distributed gloo backend")
     out = tmp_path_factory.mktemp("fsdp_checks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
+    launch.torchrun(WORKER, "--out", str(out), cwd=REPO)
     return json.loads((out / "results.json").read_text()), out
 
 

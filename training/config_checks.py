@@ -33,6 +33,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torchtune.config._utils import _get_component_from_path
 
+from kdtune.losses.fused import FusedLinearKDLoss
+
 
 class ConfigError(ValueError):
     """A config problem found before any model is built. The message names key, value and fix."""
@@ -164,10 +166,6 @@ def is_fused_loss(node: Any) -> bool:
     if node is None:
         return False
     cls = component_class(node)
-    try:
-        from kdtune.losses.fused import FusedLinearKDLoss
-    except ImportError:
-        return False
     return isinstance(cls, type) and issubclass(cls, FusedLinearKDLoss)
 
 
@@ -577,32 +575,30 @@ def _check_student_checkpointer(cfg: DictConfig, problems: _Problems) -> None:
         )
 
 
-def normalize_null_components(cfg: DictConfig) -> None:
-    """Turn a top-level ``{_component_: null, ...}`` node into null, in place.
+def normalize_null_components(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` where a top-level ``{_component_: null, ...}`` node is null.
 
     torchtune's override rule rewrites ``teacher_model=null`` on the command line into
     ``teacher_model._component_=null`` (the key holds a component); this makes such an override
-    mean what it says.
+    mean what it says. ``cfg`` itself is left unchanged.
     """
+    cfg = cfg.copy()
     for key in list(cfg.keys()):
         node = cfg._get_node(key)
         is_component = isinstance(node, DictConfig) and "_component_" in node
         if is_component and node._get_node("_component_")._is_none():
             cfg[key] = None
+    return cfg
 
 
-def check_config(cfg: DictConfig) -> list[str]:
-    """Phase 1: check the config alone. Builds nothing, reads only file names.
-
-    Null component overrides are normalised first (:func:`normalize_null_components`).
-
-    Returns:
-        Warnings (strings); each is also issued with :func:`warnings.warn`.
+def check_config(cfg: DictConfig) -> None:
+    """Phase 1: check the config alone. Builds nothing, reads only file names; ``cfg`` is left
+    unchanged (null component overrides are read as null, :func:`normalize_null_components`).
 
     Raises:
         ConfigError: every problem found, one per line, each naming key, value and fix.
     """
-    normalize_null_components(cfg)
+    cfg = normalize_null_components(cfg)
     problems = _Problems(errors=[], warnings=[])
     _check_top_level_keys(cfg, problems)
     problems.raise_if_any("in the keys")  # later checks read these keys
@@ -615,9 +611,6 @@ def check_config(cfg: DictConfig) -> list[str]:
     _check_datasets(cfg, problems)
     _check_checkpoint_files(cfg, problems)
     problems.raise_if_any("before building models")
-    for message in problems.warnings:
-        warnings.warn(message, stacklevel=2)
-    return problems.warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,9 +759,9 @@ def check_config_and_models(cfg: DictConfig) -> list[str]:
     models built on the meta device. Returns the warnings; raises :class:`ConfigError`."""
     from torchtune import config
 
-    found = check_config(cfg)
+    check_config(cfg)
+    cfg = normalize_null_components(cfg)
     tokenizer = config.instantiate(cfg.tokenizer)
     student = describe_model(cfg.model)
     teacher = describe_model(cfg.teacher_model) if cfg.teacher_model is not None else None
-    found += check_models(cfg, student, teacher, tokenizer_max_id(tokenizer))
-    return found
+    return check_models(cfg, student, teacher, tokenizer_max_id(tokenizer))

@@ -86,6 +86,7 @@ __all__ = [
     "local_parameter_bytes",
     "materialize_meta_model",
     "peak_memory_gib",
+    "set_gradient_sync",
     "shard_model",
     "state_dict_key",
     "teardown",
@@ -181,14 +182,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown() -> None:
+def teardown(*, wait_for_all: bool = True) -> None:
     """Barrier, then destroy the process group (no-op without one).
 
     The barrier matters: gloo sometimes aborts at teardown when one rank destroys the group
-    while another is still in a collective.
+    while another is still in a collective. ``wait_for_all=False`` (after a failure) skips it:
+    the other ranks may never reach it, and the failing rank must exit.
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -666,6 +669,17 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return norm.detach().float()
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2: reduce-scatter gradients in the next backward (``enabled``) or keep accumulating
+    them unsharded on each rank (no communication). No-op for a model that is not sharded.
+
+    Call with False for every micro-batch of an optimizer step but the last: the last
+    backward then reduces the sum of the step's gradients once.
+    """
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
 
 
 def local_parameter_bytes(model: nn.Module) -> int:

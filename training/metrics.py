@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -62,6 +66,83 @@ VAL_FIELDS = (
     "num_tokens",
 )
 """Every validation record has these keys (teacher metrics are null in CE-only runs)."""
+
+
+@dataclass
+class StepLosses:
+    """One optimizer step's mean losses, still on the device (reading them syncs the host).
+
+    ``sums``: ``[3]`` fp32, loss, CE and KD summed over the step's micro-batches and ranks (each
+    micro-batch term already divided by the step's token count; KD 0 without a teacher);
+    ``num_tokens``: 0-dim int64, the step's target tokens over all ranks.
+    """
+
+    sums: Tensor
+    num_tokens: Tensor
+    has_kd: bool
+
+    def to_host(self) -> dict[str, Any]:
+        """``{"loss", "ce_loss", "kd_loss", "num_tokens"}`` as Python numbers (one host sync)."""
+        return _loss_fields(self, _host_values([[self.sums, self.num_tokens]])[0])
+
+
+@dataclass
+class PendingStep:
+    """A finished optimizer step whose device values are read at the next logging step."""
+
+    step: int
+    epoch: int
+    lr: float
+    seconds: float
+    peak_memory_gib: float  # this rank's
+    losses: StepLosses
+    grad_norm: Tensor  # 0-dim, before clipping
+
+
+def _host_values(rows: list[Tensor]) -> list[list[float]]:
+    """Each row's values (0-dim or 1-dim tensors, concatenated) as floats, in one host sync.
+
+    fp64 holds every fp32 value and every integer below 2**53 exactly.
+    """
+    flat = [torch.cat([t.detach().double().reshape(-1) for t in row]) for row in rows]
+    return torch.stack(flat).tolist()
+
+
+def _loss_fields(losses: StepLosses, values: list[float]) -> dict[str, Any]:
+    return {
+        "loss": values[0],
+        "ce_loss": values[1],
+        "kd_loss": values[2] if losses.has_kd else None,
+        "num_tokens": int(values[3]),
+    }
+
+
+def train_records(
+    pending: list[PendingStep], peaks_by_rank: list[list[float]]
+) -> list[dict[str, Any]]:
+    """The ``"kind": "train"`` records of ``pending`` steps (one host sync for all of them).
+
+    Args:
+        peaks_by_rank: per rank, the peak memory of each pending step (GiB).
+    """
+    values = _host_values([[p.losses.sums, p.losses.num_tokens, p.grad_norm] for p in pending])
+    records = []
+    for index, (step, row) in enumerate(zip(pending, values, strict=True)):
+        losses = _loss_fields(step.losses, row)
+        records.append(
+            {
+                "kind": "train",
+                "step": step.step,
+                "epoch": step.epoch,
+                **losses,
+                "lr": step.lr,
+                "grad_norm": row[4],
+                "tokens_per_second": losses["num_tokens"] / step.seconds,
+                "step_seconds": step.seconds,
+                "peak_memory_gib": max(peaks[index] for peaks in peaks_by_rank),
+            }
+        )
+    return records
 
 
 def _json_number(value: Any) -> Any:

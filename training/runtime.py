@@ -7,7 +7,7 @@ The recipe calls these in order (torchtitan style), the same in one process and 
     model = build_model(cfg.model, runtime.dtype)       # on meta: no memory yet
     is_lora = freeze_all_but_adapters(model)            # before sharding
     state = student_state_dict(model, base, adapters, seed=...)  # rank 0 only (others: None)
-    prepare_for_training(model, runtime, trainable=True, ...)    # AC, compile, fully_shard
+    prepare_student(model, runtime, ...)                # AC, compile, fully_shard
     load_weights(model, state, runtime)                 # rank 0's full dict -> each rank's shards
 
 Everything that differs between one process and many (the process group, FSDP2 sharding, CPU
@@ -25,7 +25,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -72,10 +71,6 @@ class Runtime:
     def is_main(self) -> bool:
         """The process that reads checkpoints, writes files, logs and shows progress."""
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
     @property
     def parameter_device(self) -> torch.device:
@@ -304,27 +299,37 @@ def load_student_weights(
     return is_lora
 
 
-def prepare_for_training(
-    model: nn.Module,
-    runtime: Runtime,
-    *,
-    trainable: bool,
-    activation_checkpointing: bool,
-    compile_layers: bool,
+def _compile_backend() -> str:
+    """``TORCH_COMPILE_BACKEND`` (torchtune's convention), default ``inductor``."""
+    return os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+
+
+def prepare_student(
+    model: nn.Module, runtime: Runtime, *, activation_checkpointing: bool, compile_layers: bool
 ) -> nn.Module:
     """Activation checkpointing, per-layer compile, then FSDP2 sharding (in that order).
 
-    ``TORCH_COMPILE_BACKEND`` picks the compile backend (torchtune's convention; default
-    ``inductor``). ``trainable=False`` (the teacher) freezes every parameter, so its shards
-    never hold or reduce gradients. In one process nothing is sharded.
+    In one process nothing is sharded.
     """
     if activation_checkpointing:
         distributed.apply_activation_checkpointing(model)
     if compile_layers:
-        backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
-        distributed.apply_compile(model, backend=backend)
-    options = runtime.sharding
-    distributed.shard_model(
+        distributed.apply_compile(model, backend=_compile_backend())
+    return _shard(model, runtime.sharding, trainable=True)
+
+
+def prepare_teacher_for_sharding(
+    model: nn.Module, runtime: Runtime, *, compile_layers: bool
+) -> nn.Module:
+    """Freeze every parameter (its shards never hold or reduce gradients), per-layer compile,
+    then FSDP2 sharding. No activation checkpointing: nothing runs backward through it."""
+    if compile_layers:
+        distributed.apply_compile(model, backend=_compile_backend())
+    return _shard(model, runtime.sharding, trainable=False)
+
+
+def _shard(model: nn.Module, options: ShardingOptions, *, trainable: bool) -> nn.Module:
+    return distributed.shard_model(
         model,
         trainable=trainable,
         reshard_after_forward=(
@@ -336,7 +341,6 @@ def prepare_for_training(
         param_dtype=options.param_dtype,
         reduce_dtype=options.reduce_dtype,
     )
-    return model
 
 
 @contextmanager
@@ -419,44 +423,8 @@ def compile_loss(loss: nn.Module | None) -> nn.Module | None:
     """``torch.compile`` a loss module (the per-chunk work runs inside its forward)."""
     if loss is None:
         return None
-    return torch.compile(loss, backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+    return torch.compile(loss, backend=_compile_backend())
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def lora_rank_and_alpha(model: nn.Module) -> tuple[int, float]:
-    """The (shared) rank and alpha of a LoRA/DoRA model's adapters, for merging."""
-    pairs: set[tuple[int, float]] = set()
-    for module in model.modules():
-        lora_a = getattr(module, "lora_a", None)
-        if isinstance(lora_a, nn.Linear):
-            rank = lora_a.out_features
-            alpha = getattr(module, "alpha", None)
-            if alpha is None:  # DoRALinear keeps only the scaling alpha / rank
-                alpha = module.scaling * rank
-            pairs.add((rank, float(alpha)))
-    if len(pairs) != 1:
-        raise ValueError(f"expected one LoRA rank/alpha in the model, found {sorted(pairs)}")
-    return pairs.pop()
-
-
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """Local names (``q_proj``, ``w1``, ``output`` ...) of the modules that carry adapters."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "lora_a", None), nn.Linear)
-    }
-    return sorted(names)
-
-
-def is_dora(model: nn.Module) -> bool:
-    return any(hasattr(module, "initialize_dora_magnitude") for module in model.modules())
-
-
-def describe_parameters(model: nn.Module) -> dict[str, Any]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total}
