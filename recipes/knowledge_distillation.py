@@ -25,7 +25,8 @@ rank reads its own share of each global batch; each loss is its token sum divide
 token count of the whole step on all ranks, and FSDP2 sums the gradients, so any process
 count gives the gradients of the same global batch. Rank 0 alone reads checkpoints, writes
 files and logs. The differences live in :mod:`kdtune.training.runtime` (decisions) and
-:mod:`kdtune.training.distributed` (collectives, no-ops in one process).
+:mod:`~kdtune.training.process_group`, :mod:`~kdtune.training.parallel` and
+:mod:`~kdtune.training.state_dicts` (collectives, no-ops in one process).
 
 Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per step and per validation,
 plus setup and per-rank memory records), ``checkpoints/step_N/`` (Hugging Face weights +
@@ -50,7 +51,7 @@ from tqdm import tqdm
 
 from kdtune import __version__
 from kdtune.training import checkpointing as ckpt
-from kdtune.training import distributed
+from kdtune.training import parallel, process_group, state_dicts
 from kdtune.training.config_checks import (
     check_config,
     check_models,
@@ -63,13 +64,20 @@ from kdtune.training.config_checks import (
 )
 from kdtune.training.data import (
     batch_to_device,
+    build_dataloader,
     build_dataset,
     count_loss_tokens,
     next_micro_batches,
     sft_collate,
     shift_labels,
 )
-from kdtune.training.metrics import MetricsWriter, PendingStep, StepLosses, train_records
+from kdtune.training.metrics import (
+    MetricsWriter,
+    PendingStep,
+    StepLosses,
+    peak_memory_gib,
+    train_records,
+)
 from kdtune.training.runtime import (
     Runtime,
     build_model,
@@ -149,7 +157,7 @@ class KDRecipe(FTRecipeInterface):
         # After sharding: the optimizer must hold the (DTensor) shards.
         self._optimizer = config.instantiate(cfg.optimizer, trainable_parameters(self._student))
         if resumed is not None:
-            distributed.load_full_optimizer_state_dict(
+            state_dicts.load_full_optimizer_state_dict(
                 self._student,
                 self._optimizer,
                 resumed.get("optimizer"),  # rank 0's; broadcast to the others
@@ -259,14 +267,14 @@ class KDRecipe(FTRecipeInterface):
 
     def _parameter_memory(self) -> dict[str, list[float]]:
         """GiB of parameters each rank holds (its shards), student and teacher (collective)."""
-        student = distributed.local_parameter_bytes(self._student) / 2**30
+        student = parallel.local_parameter_bytes(self._student) / 2**30
         teacher = 0.0
         if self._teacher is not None:
-            teacher = distributed.local_parameter_bytes(self._teacher) / 2**30
+            teacher = parallel.local_parameter_bytes(self._teacher) / 2**30
         return {
-            "param_memory_gib": distributed.gather_from_ranks(student + teacher),
-            "student_param_memory_gib": distributed.gather_from_ranks(student),
-            "teacher_param_memory_gib": distributed.gather_from_ranks(teacher),
+            "param_memory_gib": process_group.gather_from_ranks(student + teacher),
+            "student_param_memory_gib": process_group.gather_from_ranks(student),
+            "teacher_param_memory_gib": process_group.gather_from_ranks(teacher),
         }
 
     def _setup_losses(self, cfg: DictConfig) -> None:
@@ -300,7 +308,7 @@ class KDRecipe(FTRecipeInterface):
         """
         runtime = self._runtime
         collate = sft_collate(self._tokenizer.pad_id, self._ignore_index)
-        self._dataloader = distributed.build_dataloader(
+        self._dataloader = build_dataloader(
             build_dataset(cfg.dataset, self._tokenizer),
             batch_size=cfg.batch_size,
             collate_fn=collate,
@@ -322,7 +330,7 @@ class KDRecipe(FTRecipeInterface):
         self._steps_per_epoch = steps
         self._val_dataloader = None
         if cfg.validation_dataset is not None:
-            self._val_dataloader = distributed.build_dataloader(
+            self._val_dataloader = build_dataloader(
                 build_dataset(cfg.validation_dataset, self._tokenizer),
                 batch_size=cfg.validation_batch_size,
                 collate_fn=collate,
@@ -371,11 +379,11 @@ class KDRecipe(FTRecipeInterface):
         device = self._runtime.device
         batches = [batch_to_device(batch, device) for batch in micro_batches]
         labels = [shift_labels(batch["labels"], self._ignore_index) for batch in batches]
-        num_tokens = distributed.all_reduce_sum(count_loss_tokens(labels, self._ignore_index))
+        num_tokens = process_group.all_reduce_sum(count_loss_tokens(labels, self._ignore_index))
         parts: list[MicroBatchLoss] = []
         for index, (batch, shifted) in enumerate(zip(batches, labels)):
             # FSDP2 reduce-scatters the gradients once, in the last micro-batch's backward.
-            distributed.set_gradient_sync(self._student, index == len(batches) - 1)
+            parallel.set_gradient_sync(self._student, index == len(batches) - 1)
             part = self._loss_step(
                 self._student, self._teacher, batch["tokens"], shifted, num_tokens
             )
@@ -390,13 +398,13 @@ class KDRecipe(FTRecipeInterface):
                 torch.stack([p.kd.float() for p in parts]).sum() if has_kd else no_kd,
             ]
         )
-        return StepLosses(distributed.all_reduce_sum(local), num_tokens, has_kd)
+        return StepLosses(process_group.all_reduce_sum(local), num_tokens, has_kd)
 
     def _optimizer_step(self) -> Tensor:
         """Clip (if configured), step optimizer and scheduler; return the pre-clip grad norm
         (0-dim, on the device; the same value on every rank: it covers every rank's shards)."""
         max_norm = self._cfg.clip_grad_norm
-        grad_norm = distributed.clip_grad_norm_(
+        grad_norm = parallel.clip_grad_norm_(
             self._student, max_norm=float(max_norm) if max_norm is not None else math.inf
         )
         self._optimizer.step()
@@ -460,7 +468,7 @@ class KDRecipe(FTRecipeInterface):
                 epoch=self.epoch,
                 lr=lr,
                 seconds=time.perf_counter() - started,
-                peak_memory_gib=distributed.peak_memory_gib(self._runtime.device),
+                peak_memory_gib=peak_memory_gib(self._runtime.device),
                 losses=losses,
                 grad_norm=grad_norm,
             )
@@ -476,7 +484,7 @@ class KDRecipe(FTRecipeInterface):
         the same steps."""
         if not self._pending:
             return
-        peaks_by_rank = distributed.gather_objects([p.peak_memory_gib for p in self._pending])
+        peaks_by_rank = process_group.gather_objects([p.peak_memory_gib for p in self._pending])
         records = train_records(self._pending, peaks_by_rank)
         for index, record in enumerate(records):
             self._metrics.write(record)
@@ -540,11 +548,11 @@ class KDRecipe(FTRecipeInterface):
         self._write_pending_steps()
         adapter_only = self._is_lora and bool(self._cfg.save_adapter_weights_only)
         # Collectives: every rank gathers, rank 0 receives.
-        state = distributed.gather_full_state_dict(self._student, trainable_only=adapter_only)
-        optimizer_state = distributed.gather_full_optimizer_state_dict(
+        state = state_dicts.gather_full_state_dict(self._student, trainable_only=adapter_only)
+        optimizer_state = state_dicts.gather_full_optimizer_state_dict(
             self._student, self._optimizer
         )
-        rng = distributed.gather_objects(ckpt.capture_rng_state(self._runtime.device))
+        rng = process_group.gather_objects(ckpt.capture_rng_state(self._runtime.device))
         folder = None
         if self._runtime.is_main:
             folder = ckpt.save_step_checkpoint(
@@ -560,7 +568,7 @@ class KDRecipe(FTRecipeInterface):
                 keep_last=self._cfg.keep_last_n_checkpoints,
             )
         del state, optimizer_state
-        distributed.barrier()  # no rank goes on, or ends, before the checkpoint is complete
+        process_group.barrier()  # no rank goes on, or ends, before the checkpoint is complete
         return folder
 
     def _training_state(self, optimizer_state: dict[str, Any], rng: list[Any]) -> dict[str, Any]:
@@ -613,7 +621,7 @@ def recipe_main(cfg: DictConfig) -> None:
     finally:
         recipe.cleanup()
         # After a failure no barrier: the other ranks may never reach it.
-        distributed.teardown(wait_for_all=finished)
+        process_group.teardown(wait_for_all=finished)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training import distributed
 from kdtune.training.checkpointing import latest_checkpoint, load_training_state, read_manifest
 from kdtune.training.config_checks import ConfigError
+from kdtune.training.data import build_dataloader
 from kdtune.training.metrics import MEMORY_FIELDS, SETUP_FIELDS, TRAIN_FIELDS, read_metrics
 from kdtune.training.runtime import SINGLE_PROCESS, sharding_options
 
@@ -307,7 +307,7 @@ def test_ranks_together_read_the_single_process_batches():
     def step_sets(batch_size: int, accumulation: int, world_size: int) -> list[set[int]]:
         per_rank = []
         for rank in range(world_size):
-            loader = distributed.build_dataloader(
+            loader = build_dataloader(
                 dataset,
                 batch_size=batch_size,
                 collate_fn=lambda samples: samples,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchtune import training, utils
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
-from kdtune.training import distributed
+from kdtune.training import process_group
 
 log = utils.get_logger("INFO")
 
@@ -274,7 +274,7 @@ def read_resume_state(
             error = raised
         if state is not None:
             shared = {key: value for key, value in state.items() if key != "optimizer"}
-    folder, shared, error = distributed.broadcast_object((folder, shared, error))
+    folder, shared, error = process_group.broadcast_object((folder, shared, error))
     if error is not None:
         raise error
     if state is not None:

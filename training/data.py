@@ -1,6 +1,6 @@
 """Datasets, batch collation and the label bookkeeping of the loss.
 
-The loader (:func:`kdtune.training.distributed.build_dataloader`) is torchdata's
+The loader (:func:`build_dataloader`) is torchdata's
 ``StatefulDataLoader`` over a ``StatefulDistributedSampler`` even in one process, so a
 checkpoint records the exact position inside an epoch and the same code serves data-parallel
 runs: rank ``r`` of ``W`` reads every ``W``-th sample of the epoch's permutation.
@@ -16,6 +16,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config
 from torchtune.data import padded_collate_sft
 from torchtune.datasets import ConcatDataset
@@ -34,7 +36,7 @@ def sft_collate(pad_id: int, ignore_index: int) -> Callable[[list[dict[str, Any]
     """Samples -> ``{"tokens": [B, S], "labels": [B, S]}``, right-padded to the longest sample.
 
     ``tokens`` are padded with ``pad_id``, ``labels`` with ``ignore_index``. The loader itself is
-    :func:`kdtune.training.distributed.build_dataloader` (this rank's share of the seeded,
+    :func:`build_dataloader` (this rank's share of the seeded,
     per-epoch shuffled dataset, resumable mid-epoch).
     """
     return partial(padded_collate_sft, padding_idx=pad_id, ignore_idx=ignore_index)
@@ -78,3 +80,62 @@ def next_micro_batches(batches: Iterator[Batch], count: int) -> list[Batch] | No
 
 def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def build_dataloader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    collate_fn: Any,
+    shuffle: bool,
+    seed: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+) -> StatefulDataLoader:
+    """A resumable loader over this rank's share of the dataset.
+
+    ``StatefulDataLoader`` over a ``StatefulDistributedSampler`` (torch's
+    ``DistributedSampler`` plus a position): the epoch's order is a permutation seeded by
+    ``seed + epoch``, rank ``r`` reads every ``world_size``-th index starting at ``r``, so the
+    ranks' shards are disjoint and a step's global batch (all ranks, ``batch_size`` each) is
+    the same set of samples as one process reading ``world_size * batch_size``.
+    ``loader.state_dict()`` records the position inside the epoch.
+
+    Call ``loader.sampler.set_epoch(epoch)`` before iterating each epoch, and on resume before
+    ``loader.load_state_dict(state)``, with the epoch the state was saved in.
+
+    Args:
+        batch_size: samples per batch on this rank.
+        collate_fn: list of samples -> batch.
+        shuffle: reshuffle each epoch (seeded); False keeps the dataset order.
+        seed: the permutation seed, the same on every rank.
+        rank, world_size: this rank and the number of ranks (0 and 1 for one process).
+        drop_last: drop the last incomplete batch of this rank. The sampler itself always pads
+            the dataset (by repeating its first samples) to a multiple of ``world_size``, so
+            every rank yields the same number of batches.
+
+    Raises:
+        ValueError: a rank outside ``[0, world_size)`` or a non-positive size.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"build_dataloader: rank={rank}, world_size={world_size}: need world_size >= 1 "
+            "and 0 <= rank < world_size"
+        )
+    if batch_size < 1:
+        raise ValueError(f"build_dataloader: batch_size={batch_size}: need a positive size")
+    sampler = StatefulDistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+    )
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=drop_last,
+        # Its own generator: a DataLoader draws a base seed from its generator whenever an
+        # iterator starts; drawing from the global one would shift the training's random
+        # stream (dropout) whenever a resumed run starts its iterator mid-epoch.
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -186,3 +186,28 @@ def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict[s
     path = Path(output_dir) / METRICS_FILENAME
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def peak_memory_gib(device: str | torch.device) -> float:
+    """This process's peak memory in GiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only; reset it with
+    ``torch.cuda.reset_peak_memory_stats``). CPU: the process's peak resident set (``VmHWM``
+    from ``/proc/self/status``; ``ru_maxrss`` where there is no ``/proc``), which includes the
+    interpreter and libraries.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 2**30  # the value is in kB
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss / 2**30 if sys.platform == "darwin" else max_rss * 1024 / 2**30

@@ -12,7 +12,8 @@ The recipe calls these in order (torchtitan style), the same in one process and 
 
 Everything that differs between one process and many (the process group, FSDP2 sharding, CPU
 offload, mixed precision, who reads checkpoints) is decided here; the collectives themselves
-are :mod:`kdtune.training.distributed`, whose functions are no-ops (or the trivial equivalent)
+are :mod:`kdtune.training.process_group`, :mod:`~kdtune.training.parallel` and
+:mod:`~kdtune.training.state_dicts`, whose functions are no-ops (or the trivial equivalent)
 in a single process.
 """
 
@@ -32,13 +33,13 @@ from torch import Tensor, nn
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import distributed
+from kdtune.training import parallel, process_group, state_dicts
 from kdtune.training.config_checks import DISTRIBUTED_KEYS, ConfigError
 
 
 @dataclass(frozen=True)
 class ShardingOptions:
-    """FSDP2 settings of a multi-process run (see :func:`kdtune.training.distributed.shard_model`)."""
+    """FSDP2 settings of a multi-process run (see :func:`kdtune.training.parallel.shard_model`)."""
 
     cpu_offload: bool
     student_reshard_after_forward: bool
@@ -92,21 +93,22 @@ def setup_runtime(cfg: DictConfig) -> Runtime:
     """
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' but no CUDA device is available: set device: cpu")
-    info = distributed.init_distributed(str(cfg.device))
-    device = info.device if info.world_size > 1 else utils.get_device(device=str(cfg.device))
+    rank, world_size, device = process_group.init_distributed(str(cfg.device))
+    if world_size == 1:
+        device = utils.get_device(device=str(cfg.device))
     dtype = training.get_dtype(str(cfg.dtype), device=device)
-    if not info.is_main:
+    if rank != 0:
         _quiet_this_process()
-    if info.world_size > 1:
-        sharding = sharding_options(cfg, dtype, info.world_size)
+    if world_size > 1:
+        sharding = sharding_options(cfg, dtype, world_size)
     else:
         _warn_unused_fsdp_options(cfg)
         sharding = SINGLE_PROCESS
     return Runtime(
         device=device,
         dtype=dtype,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=rank,
+        world_size=world_size,
         sharding=sharding,
     )
 
@@ -237,11 +239,11 @@ def fresh_adapter_state_dict(
             fresh.to_empty(device="cpu")
             fresh.initialize_parameters()
             if hasattr(fresh, "initialize_dora_magnitude"):
-                base = base_state_dict[distributed.state_dict_key(f"{name}.weight")]
+                base = base_state_dict[state_dicts.state_dict_key(f"{name}.weight")]
                 fresh.weight = nn.Parameter(base.to("cpu", fresh.weight.dtype), requires_grad=False)
                 fresh.initialize_dora_magnitude()
             for parameter_name in fresh.adapter_params():
-                key = distributed.state_dict_key(f"{name}.{parameter_name}")
+                key = state_dicts.state_dict_key(f"{name}.{parameter_name}")
                 state[key] = fresh.get_parameter(parameter_name).detach().clone()
     return state
 
@@ -289,7 +291,7 @@ def load_student_weights(
     is_lora = freeze_all_but_adapters(model)
     state = student_state_dict(model, base_state_dict, adapter_state_dict, seed=seed)
     device = next(model.parameters()).device
-    distributed.load_full_state_dict(
+    state_dicts.load_full_state_dict(
         model,
         state,
         device="cpu" if device.type == "meta" else device,
@@ -312,9 +314,9 @@ def prepare_student(
     In one process nothing is sharded.
     """
     if activation_checkpointing:
-        distributed.apply_activation_checkpointing(model)
+        parallel.apply_activation_checkpointing(model)
     if compile_layers:
-        distributed.apply_compile(model, backend=_compile_backend())
+        parallel.apply_compile(model, backend=_compile_backend())
     return _shard(model, runtime.sharding, trainable=True)
 
 
@@ -324,12 +326,12 @@ def prepare_teacher_for_sharding(
     """Freeze every parameter (its shards never hold or reduce gradients), per-layer compile,
     then FSDP2 sharding. No activation checkpointing: nothing runs backward through it."""
     if compile_layers:
-        distributed.apply_compile(model, backend=_compile_backend())
+        parallel.apply_compile(model, backend=_compile_backend())
     return _shard(model, runtime.sharding, trainable=False)
 
 
 def _shard(model: nn.Module, options: ShardingOptions, *, trainable: bool) -> nn.Module:
-    return distributed.shard_model(
+    return parallel.shard_model(
         model,
         trainable=trainable,
         reshard_after_forward=(
@@ -362,7 +364,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor] | None, runtime
         ValueError: a key is missing or unexpected (on every rank).
     """
     with _random_state_kept(runtime.device):
-        distributed.load_full_state_dict(
+        state_dicts.load_full_state_dict(
             model,
             state_dict,
             device=runtime.parameter_device,
@@ -391,7 +393,7 @@ def prepare_teacher(
     :func:`finish_teacher`. The recipe does the same around sharding."""
     model.requires_grad_(False)
     device = next(model.parameters()).device
-    distributed.load_full_state_dict(
+    state_dicts.load_full_state_dict(
         model, state_dict, device=device, strict=True, broadcast_from_rank0=False
     )
     return finish_teacher(model, quantization)

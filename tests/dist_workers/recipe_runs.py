@@ -26,7 +26,7 @@ import torch
 
 from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training import distributed
+from kdtune.training import process_group
 
 
 def count_gradient_reductions(recipe: KDRecipe) -> list[int]:
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     for run in json.loads(args.runs.read_text()):
         run_one(run["config"], run["overrides"], run.get("count_gradient_reductions", False))
-    distributed.teardown()
+    process_group.teardown()
 
 
 if __name__ == "__main__":
