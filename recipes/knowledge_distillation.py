@@ -13,25 +13,17 @@ loss) or *fused* (``kdtune.losses.fused.FusedLinearKDLoss`` takes final hidden s
 output weights and never materialises the logits). With ``teacher_model: null`` and
 ``kd_ratio: 0.0`` the recipe fine-tunes with CE alone.
 
-Before any model is built the config is checked (:mod:`kdtune.training.config_checks`), then
-the vocabularies of student, teacher and tokenizer (models built on the meta device).
+The config is checked before any model is built (:mod:`kdtune.training.config_checks`), then
+the vocabularies (models built on the meta device). One process or many, one code path: under
+``torchrun`` both models are built on meta, sharded per layer with FSDP2 (the teacher frozen)
+and loaded from rank 0's checkpoint; each rank reads its share of every global batch, and each
+loss is divided by the whole step's token count on all ranks, so any process count gives the
+gradients of the same global batch (:mod:`kdtune.training.runtime` decides;
+:mod:`~kdtune.training.parallel`, :mod:`~kdtune.training.state_dicts` and
+:mod:`~kdtune.training.process_group` act, as no-ops in one process).
 
-One process or many, one code path. Launched by ``torchrun`` with several processes
-(``kdtune run --nproc_per_node N``, ``tune run --nproc_per_node N``, or ``torchrun --nnodes``
-across machines) the recipe starts a process group (NCCL on CUDA, gloo on CPU), builds both
-models on the meta device, shards every transformer layer and the root with FSDP2
-(``fully_shard``; the teacher frozen), and loads rank 0's checkpoint into the shards. Every
-rank reads its own share of each global batch; each loss is its token sum divided by the
-token count of the whole step on all ranks, and FSDP2 sums the gradients, so any process
-count gives the gradients of the same global batch. Rank 0 alone reads checkpoints, writes
-files and logs. The differences live in :mod:`kdtune.training.runtime` (decisions) and
-:mod:`~kdtune.training.process_group`, :mod:`~kdtune.training.parallel` and
-:mod:`~kdtune.training.state_dicts` (collectives, no-ops in one process).
-
-Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per step and per validation,
-plus setup and per-rank memory records), ``checkpoints/step_N/`` (Hugging Face weights +
-training state, written atomically; the last one holds the final student) and whatever the
-configured ``metric_logger`` writes.
+Outputs in ``output_dir``: ``metrics.jsonl``, ``checkpoints/step_N/`` (HF weights + training
+state, written atomically) and whatever the configured ``metric_logger`` writes.
 """
 
 from __future__ import annotations
@@ -42,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchtune import config, training, utils
@@ -54,13 +45,9 @@ from kdtune.training import checkpointing as ckpt
 from kdtune.training import parallel, process_group, state_dicts
 from kdtune.training.config_checks import (
     check_config,
-    check_models,
-    describe_model,
-    is_fused_loss,
+    check_vocabularies,
     kd_vocab_columns,
-    loss_chunks,
     normalize_null_components,
-    tokenizer_max_id,
 )
 from kdtune.training.data import (
     batch_to_device,
@@ -70,18 +57,20 @@ from kdtune.training.data import (
     next_micro_batches,
     sft_collate,
     shift_labels,
+    steps_per_epoch,
 )
 from kdtune.training.metrics import (
     MetricsWriter,
     PendingStep,
+    StepLog,
     StepLosses,
+    parameter_memory_record,
     peak_memory_gib,
-    train_records,
 )
 from kdtune.training.runtime import (
     Runtime,
+    build_loss_step,
     build_model,
-    compile_loss,
     finish_teacher,
     freeze_all_but_adapters,
     load_weights,
@@ -89,10 +78,9 @@ from kdtune.training.runtime import (
     prepare_teacher_for_sharding,
     set_determinism,
     setup_runtime,
-    student_state_dict,
     trainable_parameters,
 )
-from kdtune.training.steps import ChunkedLossStep, FusedLossStep, MicroBatchLoss
+from kdtune.training.steps import MicroBatchLoss
 from kdtune.training.validation import validate
 
 log = utils.get_logger("INFO")
@@ -121,7 +109,6 @@ class KDRecipe(FTRecipeInterface):
         self.epoch = 0
         self.steps_in_epoch = 0
         self._metrics = MetricsWriter(self._output_dir, enabled=self._runtime.is_main)
-        self._pending: list[PendingStep] = []  # steps not yet written (see _write_pending_steps)
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -142,17 +129,18 @@ class KDRecipe(FTRecipeInterface):
             self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
 
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._check_vocabularies(cfg)
+        check_vocabularies(cfg, self._tokenizer)
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if runtime.is_main else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
+        self._step_log = StepLog(self._metrics, self._metric_logger, cfg.log_every_n_steps)
 
         self._student = self._setup_student(cfg, resume_folder)
         self._teacher = self._setup_teacher(cfg)
         self._setup_losses(cfg)
         # Measured before any forward: afterwards gathered layers may still be registered.
-        parameter_memory = self._parameter_memory()
+        parameter_memory = parameter_memory_record(self._student, self._teacher)
 
         # After sharding: the optimizer must hold the (DTensor) shards.
         self._optimizer = config.instantiate(cfg.optimizer, trainable_parameters(self._student))
@@ -195,12 +183,6 @@ class KDRecipe(FTRecipeInterface):
             f"{parameter_memory['param_memory_gib']}"
         )
 
-    def _check_vocabularies(self, cfg: DictConfig) -> None:
-        """Vocab sizes of student, teacher and tokenizer agree (models built on meta)."""
-        student = describe_model(cfg.model)
-        teacher = describe_model(cfg.teacher_model) if cfg.teacher_model is not None else None
-        check_models(cfg, student, teacher, tokenizer_max_id(self._tokenizer))
-
     def _setup_student(self, cfg: DictConfig, resume_folder: Path | None) -> nn.Module:
         """Build on meta, freeze a LoRA base, wrap and shard, then load rank 0's weights."""
         runtime = self._runtime
@@ -212,7 +194,11 @@ class KDRecipe(FTRecipeInterface):
                 "save_adapter_weights_only = true needs a LoRA/DoRA student (a lora_* model "
                 "builder): set it to false for a full-parameter student"
             )
-        state = self._student_state(cfg, model, resume_folder) if runtime.is_main else None
+        state = None
+        if runtime.is_main:
+            state = ckpt.student_start_state(
+                cfg.checkpointer, self._checkpointer, model, resume_folder, seed=self.seed
+            )
         prepare_student(
             model,
             runtime,
@@ -226,30 +212,6 @@ class KDRecipe(FTRecipeInterface):
             dtype=runtime.dtype,
         )
         return model
-
-    def _student_state(
-        self, cfg: DictConfig, model: nn.Module, resume_folder: Path | None
-    ) -> dict[str, Tensor]:
-        """The student's full state dict (rank 0): original, or resumed, weights and adapters."""
-        # The original checkpoint is always read: its weight map lays out the saved shards, and
-        # a LoRA student's base weights come from it.
-        base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        adapters = None
-        if resume_folder is not None:
-            if self._is_lora:
-                adapters = torch.load(resume_folder / ckpt.ADAPTER_FILENAME, weights_only=True)
-            else:
-                base = self._load_saved_full_weights(cfg, resume_folder)
-        return student_state_dict(model, base, adapters, seed=self.seed)
-
-    def _load_saved_full_weights(self, cfg: DictConfig, folder: Path) -> dict[str, Tensor]:
-        """A full student's weights from a checkpoint folder, via the same HF checkpointer."""
-        reader = config.instantiate(
-            cfg.checkpointer,
-            checkpoint_dir=str(folder),
-            checkpoint_files=ckpt.hf_weight_files(folder),
-        )
-        return reader.load_checkpoint()[training.MODEL_KEY]
 
     def _setup_teacher(self, cfg: DictConfig) -> nn.Module | None:
         if cfg.teacher_model is None:
@@ -265,81 +227,45 @@ class KDRecipe(FTRecipeInterface):
         del state
         return finish_teacher(teacher, cfg.teacher_quantization)
 
-    def _parameter_memory(self) -> dict[str, list[float]]:
-        """GiB of parameters each rank holds (its shards), student and teacher (collective)."""
-        student = parallel.local_parameter_bytes(self._student) / 2**30
-        teacher = 0.0
-        if self._teacher is not None:
-            teacher = parallel.local_parameter_bytes(self._teacher) / 2**30
-        return {
-            "param_memory_gib": process_group.gather_from_ranks(student + teacher),
-            "student_param_memory_gib": process_group.gather_from_ranks(student),
-            "teacher_param_memory_gib": process_group.gather_from_ranks(teacher),
-        }
-
     def _setup_losses(self, cfg: DictConfig) -> None:
-        self._fused = is_fused_loss(cfg.kd_loss)
+        losses = build_loss_step(cfg, self._student, self._teacher)
+        self._loss_step, self._fused = losses.step, losses.fused
+        self._ignore_index, self._num_chunks = losses.ignore_index, losses.num_chunks
         self._vocab_columns = kd_vocab_columns(cfg)
-        if self._fused:
-            fused_loss = config.instantiate(cfg.kd_loss)
-            self._ignore_index = fused_loss.ignore_index
-            self._num_chunks = loss_chunks(cfg.kd_loss)
-            self._loss_step = FusedLossStep(fused_loss, self._kd_ratio)
-            return
-        ce_loss = config.instantiate(cfg.loss)
-        kd_loss = config.instantiate(cfg.kd_loss)
-        self._ignore_index = ce_loss.ignore_index
-        self._num_chunks = ce_loss.num_output_chunks
-        # Both models return their logits as the same number of chunks the losses expect.
-        self._student.set_num_output_chunks(self._num_chunks)
-        if self._teacher is not None:
-            self._teacher.set_num_output_chunks(self._num_chunks)
-        if cfg.compile:
-            ce_loss, kd_loss = compile_loss(ce_loss), compile_loss(kd_loss)
-        self._loss_step = ChunkedLossStep(ce_loss, kd_loss, self._kd_ratio)
 
     def _setup_data(self, cfg: DictConfig) -> None:
-        """This rank's loaders: every ``world_size``-th sample of the epoch's permutation.
-
-        Rank ``r``'s ``k``-th batch holds permutation positions ``r + world_size * j`` for
-        ``j`` in ``[k * batch_size, (k + 1) * batch_size)``, so the ranks' ``k``-th batches
-        together are positions ``[k * W * batch_size, (k + 1) * W * batch_size)``: the same
-        samples one process reads with ``batch_size`` ``W * batch_size``.
-        """
+        """This rank's loaders (see :func:`kdtune.training.data.build_dataloader`)."""
         runtime = self._runtime
         collate = sft_collate(self._tokenizer.pad_id, self._ignore_index)
-        self._dataloader = build_dataloader(
-            build_dataset(cfg.dataset, self._tokenizer),
-            batch_size=cfg.batch_size,
-            collate_fn=collate,
-            shuffle=cfg.shuffle,
-            seed=self.seed,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            drop_last=True,
-        )
-        steps = len(self._dataloader) // self._accumulation
-        if cfg.max_steps_per_epoch is not None:
-            steps = min(steps, int(cfg.max_steps_per_epoch))
-        if steps == 0:
-            raise ValueError(
-                f"the dataset gives {len(self._dataloader)} batches of batch_size "
-                f"{cfg.batch_size} per rank, fewer than gradient_accumulation_steps = "
-                f"{self._accumulation}: lower batch_size or gradient_accumulation_steps"
-            )
-        self._steps_per_epoch = steps
-        self._val_dataloader = None
-        if cfg.validation_dataset is not None:
-            self._val_dataloader = build_dataloader(
-                build_dataset(cfg.validation_dataset, self._tokenizer),
-                batch_size=cfg.validation_batch_size,
+
+        def loader(node: DictConfig, batch_size: int, *, train: bool) -> Any:
+            return build_dataloader(
+                build_dataset(node, self._tokenizer),
+                batch_size=batch_size,
                 collate_fn=collate,
-                shuffle=False,
+                shuffle=bool(cfg.shuffle) and train,
                 seed=self.seed,
                 rank=runtime.rank,
                 world_size=runtime.world_size,
-                drop_last=False,
+                drop_last=train,
             )
+
+        self._dataloader = loader(cfg.dataset, cfg.batch_size, train=True)
+        self._steps_per_epoch = steps_per_epoch(
+            len(self._dataloader), cfg.batch_size, self._accumulation, cfg.max_steps_per_epoch
+        )
+        self._val_dataloader = None
+        if cfg.validation_dataset is not None:
+            self._val_dataloader = loader(
+                cfg.validation_dataset, cfg.validation_batch_size, train=False
+            )
+
+    def _progress(self) -> dict[str, int]:
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "steps_in_epoch": self.steps_in_epoch,
+        }
 
     def _run_invariants(self) -> dict[str, Any]:
         cfg = self._cfg
@@ -389,16 +315,7 @@ class KDRecipe(FTRecipeInterface):
             )
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))
-        has_kd = parts[0].kd is not None
-        no_kd = torch.zeros((), device=parts[0].loss.device)
-        local = torch.stack(
-            [
-                torch.stack([p.loss.float() for p in parts]).sum(),
-                torch.stack([p.ce.float() for p in parts]).sum(),
-                torch.stack([p.kd.float() for p in parts]).sum() if has_kd else no_kd,
-            ]
-        )
-        return StepLosses(process_group.all_reduce_sum(local), num_tokens, has_kd)
+        return StepLosses.summed(parts, num_tokens)
 
     def _optimizer_step(self) -> Tensor:
         """Clip (if configured), step optimizer and scheduler; return the pre-clip grad norm
@@ -426,6 +343,7 @@ class KDRecipe(FTRecipeInterface):
             disable=not self._runtime.is_main,
             dynamic_ncols=True,
         )
+        self._step_log.progress = progress
         validated_at = saved_at = -1
         while self.epoch < int(cfg.epochs) and not self._stop_requested():
             self._dataloader.sampler.set_epoch(self.epoch)
@@ -444,7 +362,8 @@ class KDRecipe(FTRecipeInterface):
                     saved_at = self.global_step
             if self.steps_in_epoch >= self._steps_per_epoch:
                 self.epoch, self.steps_in_epoch = self.epoch + 1, 0
-        self._write_pending_steps()
+        self._step_log.flush()
+        self._step_log.progress = None
         progress.close()
         finished = self.epoch >= int(cfg.epochs)
         if finished and validated_at != self.global_step:
@@ -456,13 +375,14 @@ class KDRecipe(FTRecipeInterface):
         return every is not None and self.global_step % every == 0
 
     def _train_step(self, micro_batches: list[dict[str, Tensor]], progress: tqdm) -> None:
+        """One optimizer step; its record waits, on the device, for the next logging step."""
         started = time.perf_counter()
         losses = self._accumulate(micro_batches)
         lr = self._optimizer.param_groups[0]["lr"]
         grad_norm = self._optimizer_step()
         self.global_step += 1
         self.steps_in_epoch += 1
-        self._pending.append(
+        self._step_log.add(
             PendingStep(
                 step=self.global_step,
                 epoch=self.epoch,
@@ -473,46 +393,9 @@ class KDRecipe(FTRecipeInterface):
                 grad_norm=grad_norm,
             )
         )
-        progress.update(1)
-        if self.global_step % self._cfg.log_every_n_steps == 0:
-            self._write_pending_steps(progress)
-
-    def _write_pending_steps(self, progress: tqdm | None = None) -> None:
-        """Read the device values of the steps since the last write (one host sync, one
-        gather of every rank's peaks) and write their records; a logging step's record also
-        goes to the progress bar and the metric logger. A collective: every rank calls it at
-        the same steps."""
-        if not self._pending:
-            return
-        peaks_by_rank = process_group.gather_objects([p.peak_memory_gib for p in self._pending])
-        records = train_records(self._pending, peaks_by_rank)
-        for index, record in enumerate(records):
-            self._metrics.write(record)
-            if record["step"] % self._cfg.log_every_n_steps != 0:
-                continue
-            peaks = [float(rank_peaks[index]) for rank_peaks in peaks_by_rank]
-            self._metrics.write(
-                {"kind": "memory", "step": record["step"], "peak_memory_gib": peaks}
-            )
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}"
-                )
-            self._log_to_metric_logger(record, prefix="")
-        self._pending = []
-
-    def _log_to_metric_logger(self, record: dict[str, Any], prefix: str) -> None:
-        if self._metric_logger is None:
-            return
-        payload = {
-            f"{prefix}{key}": value
-            for key, value in record.items()
-            if key not in ("kind", "step") and isinstance(value, int | float)
-        }
-        self._metric_logger.log_dict(payload, step=self.global_step)
 
     def _validate(self) -> None:
-        self._write_pending_steps()
+        self._step_log.flush()
         if self._val_dataloader is None:
             return
         result = validate(
@@ -527,7 +410,7 @@ class KDRecipe(FTRecipeInterface):
         )
         record = {"kind": "val", "step": self.global_step, "epoch": self.epoch, **vars(result)}
         self._metrics.write(record)
-        self._log_to_metric_logger(record, prefix="val_")
+        self._step_log.to_metric_logger(record, prefix="val_")
         if self._runtime.is_main:
             log.info(f"validation at step {self.global_step}: {vars(result)}")
 
@@ -545,7 +428,7 @@ class KDRecipe(FTRecipeInterface):
         Returns:
             The checkpoint folder on rank 0, None on the other ranks.
         """
-        self._write_pending_steps()
+        self._step_log.flush()
         adapter_only = self._is_lora and bool(self._cfg.save_adapter_weights_only)
         # Collectives: every rank gathers, rank 0 receives.
         state = state_dicts.gather_full_state_dict(self._student, trainable_only=adapter_only)
@@ -563,40 +446,29 @@ class KDRecipe(FTRecipeInterface):
                     self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
                 ),
                 adapter_only=adapter_only,
-                training_state=self._training_state(optimizer_state, rng),
-                manifest=self._manifest(adapter_only, final),
+                training_state={
+                    "optimizer": optimizer_state,
+                    # Rank 0's loader position serves all ranks (same batch of each shard).
+                    "dataloader": self._dataloader.state_dict(),
+                    "rng": rng,  # one entry per rank
+                    "run": self._run_invariants(),
+                    "progress": self._progress(),
+                },
+                manifest={
+                    "kdtune_version": __version__,
+                    "final": final,
+                    "epoch": self.epoch,
+                    "steps_in_epoch": self.steps_in_epoch,
+                    "total_steps": self._total_steps,
+                    "student": "lora" if self._is_lora else "full",
+                    "merged_weights": not adapter_only,
+                    "world_size": self._runtime.world_size,
+                },
                 keep_last=self._cfg.keep_last_n_checkpoints,
             )
         del state, optimizer_state
         process_group.barrier()  # no rank goes on, or ends, before the checkpoint is complete
         return folder
-
-    def _training_state(self, optimizer_state: dict[str, Any], rng: list[Any]) -> dict[str, Any]:
-        return {
-            "optimizer": optimizer_state,
-            # Every rank is at the same batch of its shard, and the loader's state holds no
-            # rank, so rank 0's position serves all ranks (for the same process count).
-            "dataloader": self._dataloader.state_dict(),
-            "rng": rng,  # one entry per rank
-            "run": self._run_invariants(),
-            "progress": {
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "steps_in_epoch": self.steps_in_epoch,
-            },
-        }
-
-    def _manifest(self, adapter_only: bool, final: bool) -> dict[str, Any]:
-        return {
-            "kdtune_version": __version__,
-            "final": final,
-            "epoch": self.epoch,
-            "steps_in_epoch": self.steps_in_epoch,
-            "total_steps": self._total_steps,
-            "student": "lora" if self._is_lora else "full",
-            "merged_weights": not adapter_only,
-            "world_size": self._runtime.world_size,
-        }
 
     def cleanup(self) -> None:
         """Close the metric logger (also after a failed setup)."""

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchtune import training, utils
+from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
 from kdtune.training import process_group
+from kdtune.training.runtime import adapter_parameter_names, student_state_dict
 
 log = utils.get_logger("INFO")
 
@@ -319,6 +320,36 @@ def saved_seed(resumed: dict[str, Any], seed: int | None) -> int:
             f"resume with seed={saved} (or null)"
         )
     return saved
+
+
+def student_start_state(
+    checkpointer_node: Any,
+    checkpointer: Any,
+    model: nn.Module,
+    resume_folder: Path | None,
+    *,
+    seed: int,
+) -> dict[str, Tensor]:
+    """The student's full state dict to start from (rank 0): the original weights, or a
+    checkpoint's, plus fresh or saved adapters for a LoRA/DoRA student.
+
+    The original checkpoint is always read: its weight map lays out the saved shards, and a
+    LoRA student's base weights come from it. A full student's saved weights are read by the
+    same HF checkpointer (``checkpointer_node``) pointed at ``resume_folder``.
+    """
+    base = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    adapters = None
+    if resume_folder is not None:
+        if adapter_parameter_names(model):
+            adapters = torch.load(resume_folder / ADAPTER_FILENAME, weights_only=True)
+        else:
+            reader = config.instantiate(
+                checkpointer_node,
+                checkpoint_dir=str(resume_folder),
+                checkpoint_files=hf_weight_files(resume_folder),
+            )
+            base = reader.load_checkpoint()[training.MODEL_KEY]
+    return student_state_dict(model, base, adapters, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -761,7 +761,12 @@ def check_config_and_models(cfg: DictConfig) -> list[str]:
 
     check_config(cfg)
     cfg = normalize_null_components(cfg)
-    tokenizer = config.instantiate(cfg.tokenizer)
+    return check_vocabularies(cfg, config.instantiate(cfg.tokenizer))
+
+
+def check_vocabularies(cfg: DictConfig, tokenizer: Any) -> list[str]:
+    """Phase 2 on a (normalised) config: the vocabularies of student, teacher and tokenizer
+    (models built on the meta device). Returns the warnings; raises :class:`ConfigError`."""
     student = describe_model(cfg.model)
     teacher = describe_model(cfg.teacher_model) if cfg.teacher_model is not None else None
     return check_models(cfg, student, teacher, tokenizer_max_id(tokenizer))

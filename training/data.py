@@ -63,6 +63,26 @@ def count_loss_tokens(shifted_labels: list[Tensor], ignore_index: int) -> Tensor
     return total
 
 
+def steps_per_epoch(
+    num_batches: int, batch_size: int, accumulation: int, max_steps: int | None
+) -> int:
+    """Optimizer steps per epoch: whole steps of ``accumulation`` batches, at most ``max_steps``.
+
+    Raises:
+        ValueError: not one whole step (names the keys to change).
+    """
+    steps = num_batches // accumulation
+    if max_steps is not None:
+        steps = min(steps, int(max_steps))
+    if steps == 0:
+        raise ValueError(
+            f"the dataset gives {num_batches} batches of batch_size {batch_size} per rank, "
+            f"fewer than gradient_accumulation_steps = {accumulation}: lower batch_size or "
+            "gradient_accumulation_steps"
+        )
+    return steps
+
+
 def next_micro_batches(batches: Iterator[Batch], count: int) -> list[Batch] | None:
     """The next ``count`` batches of an optimizer step, or None if the epoch has fewer left.
 

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdtune.training.parallel import local_parameter_bytes
+from kdtune.training.process_group import all_reduce_sum, gather_from_ranks, gather_objects
+
 METRICS_FILENAME = "metrics.jsonl"
 
 TRAIN_FIELDS = (
@@ -80,6 +83,21 @@ class StepLosses:
     sums: Tensor
     num_tokens: Tensor
     has_kd: bool
+
+    @classmethod
+    def summed(cls, parts: list[Any], num_tokens: Tensor) -> StepLosses:
+        """Sum the micro-batch terms (``MicroBatchLoss``: detached ``loss``, ``ce``, ``kd`` or
+        None) over the step and over ranks (an all-reduce, no host sync)."""
+        has_kd = parts[0].kd is not None
+        no_kd = torch.zeros((), device=parts[0].loss.device)
+        local = torch.stack(
+            [
+                torch.stack([p.loss.float() for p in parts]).sum(),
+                torch.stack([p.ce.float() for p in parts]).sum(),
+                torch.stack([p.kd.float() for p in parts]).sum() if has_kd else no_kd,
+            ]
+        )
+        return cls(all_reduce_sum(local), num_tokens, has_kd)
 
     def to_host(self) -> dict[str, Any]:
         """``{"loss", "ce_loss", "kd_loss", "num_tokens"}`` as Python numbers (one host sync)."""
@@ -143,6 +161,72 @@ def train_records(
             }
         )
     return records
+
+
+class StepLog:
+    """Where training steps are recorded: each finished step waits with its device values
+    until a logging step (every ``log_every`` steps) or an explicit :meth:`flush`; then all
+    waiting steps are read in one host sync and one gather of every rank's peaks, and written
+    to ``metrics.jsonl``; the logging step's record also goes to the ``metric_logger`` (main
+    rank; None elsewhere) and the progress bar. ``add`` and ``flush`` are collectives: every
+    rank calls them at the same steps."""
+
+    def __init__(self, writer: MetricsWriter, metric_logger: Any, log_every: int) -> None:
+        self.writer = writer
+        self.metric_logger = metric_logger
+        self.log_every = log_every
+        self.progress: Any = None  # a tqdm bar while training
+        self.pending: list[PendingStep] = []
+
+    def add(self, step: PendingStep) -> None:
+        self.pending.append(step)
+        if self.progress is not None:
+            self.progress.update(1)
+        if step.step % self.log_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        peaks_by_rank = gather_objects([p.peak_memory_gib for p in self.pending])
+        for index, record in enumerate(train_records(self.pending, peaks_by_rank)):
+            self.writer.write(record)
+            if record["step"] % self.log_every != 0:
+                continue
+            peaks = [float(rank_peaks[index]) for rank_peaks in peaks_by_rank]
+            self.writer.write({"kind": "memory", "step": record["step"], "peak_memory_gib": peaks})
+            if self.progress is not None:
+                self.progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}"
+                )
+            self.to_metric_logger(record, prefix="")
+        self.pending = []
+
+    def to_metric_logger(self, record: dict[str, Any], prefix: str) -> None:
+        """The record's numbers (``prefix`` + key) at its step, to the metric logger if any."""
+        if self.metric_logger is None:
+            return
+        payload = {
+            f"{prefix}{key}": value
+            for key, value in record.items()
+            if key not in ("kind", "step") and isinstance(value, int | float)
+        }
+        self.metric_logger.log_dict(payload, step=record["step"])
+
+
+def parameter_memory_record(
+    student: torch.nn.Module, teacher: torch.nn.Module | None
+) -> dict[str, list[float]]:
+    """The setup record's GiB of parameters each rank holds (its shards), student and teacher
+    together and each alone. A collective; call before any forward (afterwards gathered layers
+    may still be registered)."""
+    student_gib = local_parameter_bytes(student) / 2**30
+    teacher_gib = local_parameter_bytes(teacher) / 2**30 if teacher is not None else 0.0
+    return {
+        "param_memory_gib": gather_from_ranks(student_gib + teacher_gib),
+        "student_param_memory_gib": gather_from_ranks(student_gib),
+        "teacher_param_memory_gib": gather_from_ranks(teacher_gib),
+    }
 
 
 def _json_number(value: Any) -> Any:

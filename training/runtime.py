@@ -34,7 +34,8 @@ from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from kdtune.training import parallel, process_group, state_dicts
-from kdtune.training.config_checks import DISTRIBUTED_KEYS, ConfigError
+from kdtune.training.config_checks import DISTRIBUTED_KEYS, ConfigError, is_fused_loss
+from kdtune.training.steps import ChunkedLossStep, FusedLossStep
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,45 @@ def compile_loss(loss: nn.Module | None) -> nn.Module | None:
     if loss is None:
         return None
     return torch.compile(loss, backend=_compile_backend())
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """The built loss step and the options the rest of the run reads from the built losses."""
+
+    step: ChunkedLossStep | FusedLossStep
+    fused: bool
+    ignore_index: int
+    num_chunks: int  # sequence chunks of the logits (validation uses the same)
+
+
+def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None) -> LossSetup:
+    """Instantiate the losses of ``cfg`` (fused: ``kd_loss`` alone; chunked: ``loss`` and
+    ``kd_loss``, or CE alone without a teacher) and the step that applies them. For the chunked
+    path both models are set to return their logits in the losses' number of chunks."""
+    kd_ratio = float(cfg.kd_ratio)
+    if is_fused_loss(cfg.kd_loss):
+        fused_loss = config.instantiate(cfg.kd_loss)
+        return LossSetup(
+            FusedLossStep(fused_loss, kd_ratio),
+            fused=True,
+            ignore_index=fused_loss.ignore_index,
+            num_chunks=fused_loss.num_chunks,
+        )
+    ce_loss = config.instantiate(cfg.loss)
+    kd_loss = config.instantiate(cfg.kd_loss)
+    student.set_num_output_chunks(ce_loss.num_output_chunks)
+    if teacher is not None:
+        teacher.set_num_output_chunks(ce_loss.num_output_chunks)
+    ignore_index, num_chunks = ce_loss.ignore_index, ce_loss.num_output_chunks
+    if cfg.compile:
+        ce_loss, kd_loss = compile_loss(ce_loss), compile_loss(kd_loss)
+    return LossSetup(
+        ChunkedLossStep(ce_loss, kd_loss, kd_ratio),
+        fused=False,
+        ignore_index=ignore_index,
+        num_chunks=num_chunks,
+    )
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
