@@ -140,13 +140,11 @@ def _cp(args: argparse.Namespace) -> int:
 
 
 def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
-    from kdtune.training.config_checks import RECIPE_KEYS
+    from kdtune.training.config_schema import help_text
 
     parser.add_argument("--config", required=True, help="config name (kdtune ls) or YAML path")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    width = max(len(key) for key in RECIPE_KEYS) + 2
-    keys = "\n".join(f"  {key:<{width}}{meaning}" for key, meaning in RECIPE_KEYS.items())
-    parser.epilog = f"keys of the knowledge_distillation recipe (all required):\n{keys}"
+    parser.epilog = help_text()
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -49,13 +49,12 @@ from kdtune.training.config_checks import (
     kd_vocab_columns,
     normalize_null_components,
 )
+from kdtune.training.config_schema import with_defaults
 from kdtune.training.data import (
     batch_to_device,
-    build_dataloader,
-    build_dataset,
     count_loss_tokens,
     next_micro_batches,
-    sft_collate,
+    rank_loaders,
     shift_labels,
     steps_per_epoch,
 )
@@ -74,9 +73,11 @@ from kdtune.training.runtime import (
     finish_teacher,
     freeze_all_but_adapters,
     load_weights,
+    memory_stats_reader,
     prepare_student,
     prepare_teacher_for_sharding,
     set_determinism,
+    setup_profiler,
     setup_runtime,
     trainable_parameters,
 )
@@ -97,8 +98,8 @@ class KDRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        cfg = normalize_null_components(cfg)
         check_config(cfg)
+        cfg = with_defaults(normalize_null_components(cfg))
         self._cfg = cfg
         self._runtime: Runtime = setup_runtime(cfg)
         self._output_dir = Path(cfg.output_dir)
@@ -134,10 +135,17 @@ class KDRecipe(FTRecipeInterface):
         self._metric_logger = config.instantiate(cfg.metric_logger) if runtime.is_main else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
-        self._step_log = StepLog(self._metrics, self._metric_logger, cfg.log_every_n_steps)
+        memory_stats = memory_stats_reader(cfg.log_peak_memory_stats, runtime.device)
+        self._step_log = StepLog(
+            self._metrics, self._metric_logger, cfg.log_every_n_steps, memory_stats
+        )
 
         self._student = self._setup_student(cfg, resume_folder)
         self._teacher = self._setup_teacher(cfg)
+        self._offload_activations = training.get_act_offloading_ctx_manager(
+            self._student, cfg.enable_activation_offloading
+        )
+        self._profiler = setup_profiler(cfg.profiler)
         self._setup_losses(cfg)
         # Measured before any forward: afterwards gathered layers may still be registered.
         parameter_memory = parameter_memory_record(self._student, self._teacher)
@@ -234,31 +242,13 @@ class KDRecipe(FTRecipeInterface):
         self._vocab_columns = kd_vocab_columns(cfg)
 
     def _setup_data(self, cfg: DictConfig) -> None:
-        """This rank's loaders (see :func:`kdtune.training.data.build_dataloader`)."""
         runtime = self._runtime
-        collate = sft_collate(self._tokenizer.pad_id, self._ignore_index)
-
-        def loader(node: DictConfig, batch_size: int, *, train: bool) -> Any:
-            return build_dataloader(
-                build_dataset(node, self._tokenizer),
-                batch_size=batch_size,
-                collate_fn=collate,
-                shuffle=bool(cfg.shuffle) and train,
-                seed=self.seed,
-                rank=runtime.rank,
-                world_size=runtime.world_size,
-                drop_last=train,
-            )
-
-        self._dataloader = loader(cfg.dataset, cfg.batch_size, train=True)
+        self._dataloader, self._val_dataloader = rank_loaders(
+            cfg, self._tokenizer, self._ignore_index, self.seed, runtime.rank, runtime.world_size
+        )
         self._steps_per_epoch = steps_per_epoch(
             len(self._dataloader), cfg.batch_size, self._accumulation, cfg.max_steps_per_epoch
         )
-        self._val_dataloader = None
-        if cfg.validation_dataset is not None:
-            self._val_dataloader = loader(
-                cfg.validation_dataset, cfg.validation_batch_size, train=False
-            )
 
     def _progress(self) -> dict[str, int]:
         return {
@@ -310,9 +300,10 @@ class KDRecipe(FTRecipeInterface):
         for index, (batch, shifted) in enumerate(zip(batches, labels)):
             # FSDP2 reduce-scatters the gradients once, in the last micro-batch's backward.
             parallel.set_gradient_sync(self._student, index == len(batches) - 1)
-            part = self._loss_step(
-                self._student, self._teacher, batch["tokens"], shifted, num_tokens
-            )
+            with self._offload_activations:
+                part = self._loss_step(
+                    self._student, self._teacher, batch["tokens"], shifted, num_tokens
+                )
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))
         return StepLosses.summed(parts, num_tokens)
@@ -344,6 +335,7 @@ class KDRecipe(FTRecipeInterface):
             dynamic_ncols=True,
         )
         self._step_log.progress = progress
+        self._profiler.start()
         validated_at = saved_at = -1
         while self.epoch < int(cfg.epochs) and not self._stop_requested():
             self._dataloader.sampler.set_epoch(self.epoch)
@@ -353,6 +345,7 @@ class KDRecipe(FTRecipeInterface):
                 if micro_batches is None:
                     break
                 self._train_step(micro_batches, progress)
+                self._profiler.step()
                 if self._due(cfg.validate_every_n_steps):
                     self._validate()
                     validated_at = self.global_step
@@ -362,6 +355,7 @@ class KDRecipe(FTRecipeInterface):
                     saved_at = self.global_step
             if self.steps_in_epoch >= self._steps_per_epoch:
                 self.epoch, self.steps_in_epoch = self.epoch + 1, 0
+        self._profiler.stop()
         self._step_log.flush()
         self._step_log.progress = None
         progress.close()

@@ -34,71 +34,16 @@ from torch import nn
 from torchtune.config._utils import _get_component_from_path
 
 from kdtune.losses.fused import FusedLinearKDLoss
+from kdtune.training.config_schema import FIELDS, schema_problems, with_defaults
 
 
 class ConfigError(ValueError):
     """A config problem found before any model is built. The message names key, value and fix."""
 
 
-# Every top-level key the recipe reads, with what it means. There are no defaults in code: each
-# shipped YAML sets every one of these (a test checks), and a key missing here is an error.
-RECIPE_KEYS: dict[str, str] = {
-    "output_dir": "folder for checkpoints, metrics.jsonl and logs",
-    "device": "cpu or cuda",
-    "dtype": "fp32 or bf16 (fp16 is refused: the recipe has no loss scaling)",
-    "seed": "int seed for torch/numpy/random and the data order (null: random, then logged)",
-    "deterministic": "true: deterministic algorithms (warn on non-deterministic ops)",
-    "model": "student model builder (_component_)",
-    "teacher_model": "teacher model builder (_component_), or null for CE-only training",
-    "teacher_quantization": "null or int8_weight_only (torchao; teacher linear layers only)",
-    "tokenizer": "tokenizer builder (_component_)",
-    "checkpointer": "student checkpointer (torchtune FullModelHFCheckpointer)",
-    "teacher_checkpointer": "teacher checkpointer (_component_), or null for CE-only training",
-    "resume_from_checkpoint": "false, true (latest complete checkpoint) or a checkpoint folder",
-    "dataset": "training dataset (_component_, or a list of them)",
-    "validation_dataset": "held-out dataset (_component_), or null for no validation",
-    "validation_batch_size": "batch size of the validation data loader",
-    "validate_every_n_steps": "validate every N optimizer steps (null: only at the end)",
-    "validation_max_batches": "validate on at most N batches (null: the whole dataset)",
-    "shuffle": "shuffle the training data (seeded by seed and the epoch)",
-    "batch_size": "micro-batch size per device",
-    "gradient_accumulation_steps": "micro-batches per optimizer step",
-    "epochs": "number of epochs",
-    "max_steps_per_epoch": "cap on optimizer steps per epoch (null: the whole dataset)",
-    "stop_after_steps": "end this run after N optimizer steps in all (with a checkpoint); "
-    "the schedule still spans the whole run, so a resumed run continues exactly",
-    "optimizer": "optimizer (_component_; the recipe passes the trainable parameters)",
-    "lr_scheduler": "scheduler (_component_; the recipe passes num_training_steps), or null",
-    "clip_grad_norm": "max gradient norm (null: no clipping; the norm is still logged)",
-    "loss": "chunked CE loss (kdtune.losses), or null when kd_loss is the fused loss",
-    "kd_loss": "KD loss from kdtune.losses (chunked or fused), or null for CE-only training",
-    "kd_ratio": "loss = (1 - kd_ratio) * CE + kd_ratio * KD, in [0, 1]",
-    "enable_activation_checkpointing": "recompute each transformer layer in backward",
-    "compile": "torch.compile both models' transformer layers and the loss modules",
-    "save_every_n_steps": "save a checkpoint every N optimizer steps (null: only at the end)",
-    "keep_last_n_checkpoints": "delete older step checkpoints beyond N (null: keep all)",
-    "save_adapter_weights_only": "LoRA/DoRA students: save only the adapter, not merged weights",
-    "metric_logger": "torchtune metric logger (_component_)",
-    "log_every_n_steps": "log to metric_logger and the progress bar every N optimizer steps",
-    "fsdp_cpu_offload": "multi-process runs: keep parameter shards, gradients and optimizer "
-    "state in CPU memory (FSDP2 CPUOffloadPolicy; the optimizer step runs on the CPU)",
-    "fsdp_reshard_after_forward": "multi-process runs: free the student's gathered layer weights "
-    "after forward (true: least memory) or keep them for backward (false: less communication)",
-    "fsdp_teacher_reshard_after_forward": "multi-process runs: free the teacher's gathered layer "
-    "weights after forward (true); false keeps a full teacher copy on every rank",
-}
+DISTRIBUTED_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["multi_process"])
+"""Keys read only when ``torchrun`` launched several processes (their defaults apply there)."""
 
-DISTRIBUTED_KEYS = (
-    "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward",
-    "fsdp_teacher_reshard_after_forward",
-)
-"""Keys read only when ``torchrun`` launched several processes; required there (the recipe
-checks), optional in a single process, where they would have no effect."""
-
-SUPPORTED_DTYPES = ("fp32", "bf16")
-SUPPORTED_DEVICES = ("cpu", "cuda")
-TEACHER_QUANTIZATIONS = ("int8_weight_only",)
 _DATA_FILE_SOURCES = ("json", "csv", "parquet", "text", "arrow")
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -200,60 +145,22 @@ class _Problems:
 
 
 def _check_top_level_keys(cfg: DictConfig, problems: _Problems) -> None:
-    """Unknown keys get the closest known key; missing keys get the fix."""
-    known = list(RECIPE_KEYS)
+    """Unknown keys get the closest known key; the schema reports missing and bad values."""
+    known = list(FIELDS)
     referenced = interpolated_keys(cfg)
     for key in cfg:
         key = str(key)
-        if key not in RECIPE_KEYS and key not in referenced:
+        if key not in FIELDS and key not in referenced:
             problems.error(
                 f"unknown key '{key}'{_closest(key, known)}: the recipe does not read it; "
                 f"remove it or fix its spelling (known keys: kdtune validate --help)"
             )
-    for key in RECIPE_KEYS:
-        if key not in cfg and key not in DISTRIBUTED_KEYS:
-            problems.error(
-                f"missing key '{key}' ({RECIPE_KEYS[key]}): add it to the config; the recipe "
-                "has no built-in defaults (copy one with `kdtune cp`)"
-            )
-
-
-def _value(cfg: DictConfig, key: str, problems: _Problems) -> Any:
-    """``cfg[key]`` with interpolations resolved; a broken interpolation is a problem."""
-    try:
-        return cfg[key]
-    except OmegaConfBaseException as error:
-        problems.error(f"{key}: cannot resolve its value ({error}); fix the ${{...}} reference")
-        return None
+    for message in schema_problems(cfg):
+        problems.error(message)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(
-    cfg: DictConfig, key: str, problems: _Problems, *, minimum: int, nullable: bool
-) -> None:
-    value = _value(cfg, key, problems)
-    if value is None and nullable:
-        return
-    if not _is_int(value) or value < minimum:
-        allowed = f"an int >= {minimum}" + (" or null" if nullable else "")
-        problems.error(f"{key} = {value!r} is invalid: set {key} to {allowed}")
-
-
-def _check_bool(cfg: DictConfig, key: str, problems: _Problems) -> None:
-    value = _value(cfg, key, problems)
-    if not isinstance(value, bool):
-        problems.error(f"{key} = {value!r} is invalid: set {key} to true or false")
-
-
-def _check_choice(
-    cfg: DictConfig, key: str, choices: tuple[str, ...], problems: _Problems, hint: str = ""
-) -> None:
-    value = _value(cfg, key, problems)
-    if value not in choices:
-        problems.error(f"{key} = {value!r} is not supported{hint}: use one of {list(choices)}")
 
 
 def _component_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
@@ -296,72 +203,6 @@ def _check_components(cfg: DictConfig, problems: _Problems) -> None:
     for key in cfg:
         for path, node in _component_nodes(cfg._get_node(key), str(key)):
             _check_component_keys(path, node, problems)
-
-
-def _check_scalars(cfg: DictConfig, problems: _Problems) -> None:
-    dtype = _value(cfg, "dtype", problems)
-    if dtype in ("fp16", "float16", "half"):
-        problems.error(
-            f"dtype = {dtype!r}: fp16 is not supported (this recipe has no loss scaling, so fp16 "
-            "gradients under- and overflow); set dtype: bf16 (or fp32)"
-        )
-    else:
-        _check_choice(cfg, "dtype", SUPPORTED_DTYPES, problems)
-    device = _value(cfg, "device", problems)
-    if not (isinstance(device, str) and device.split(":")[0] in SUPPORTED_DEVICES):
-        problems.error(f"device = {device!r} is not supported: use cpu or cuda")
-    seed = _value(cfg, "seed", problems)
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        problems.error(f"seed = {seed!r} is invalid: set seed to an int >= 0 (or null)")
-    for key in (
-        "deterministic",
-        "shuffle",
-        "enable_activation_checkpointing",
-        "compile",
-        "save_adapter_weights_only",
-    ):
-        _check_bool(cfg, key, problems)
-    for key in DISTRIBUTED_KEYS:
-        if key in cfg:
-            _check_bool(cfg, key, problems)
-    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every_n_steps"):
-        _check_int(cfg, key, problems, minimum=1, nullable=False)
-    for key in (
-        "max_steps_per_epoch",
-        "stop_after_steps",
-        "save_every_n_steps",
-        "keep_last_n_checkpoints",
-        "validate_every_n_steps",
-        "validation_max_batches",
-    ):
-        _check_int(cfg, key, problems, minimum=1, nullable=True)
-    _check_int(cfg, "validation_batch_size", problems, minimum=1, nullable=False)
-
-    kd_ratio = _value(cfg, "kd_ratio", problems)
-    if not isinstance(kd_ratio, int | float) or isinstance(kd_ratio, bool):
-        problems.error(f"kd_ratio = {kd_ratio!r} is invalid: set a number in [0, 1]")
-    elif not 0.0 <= kd_ratio <= 1.0:
-        problems.error(
-            f"kd_ratio = {kd_ratio!r} is outside [0, 1]: the loss is "
-            "(1 - kd_ratio) * CE + kd_ratio * KD; use 0 (CE only) to 1 (KD only)"
-        )
-    clip = _value(cfg, "clip_grad_norm", problems)
-    if clip is not None and (
-        not isinstance(clip, int | float) or isinstance(clip, bool) or not clip > 0
-    ):
-        problems.error(f"clip_grad_norm = {clip!r} is invalid: set a number > 0 (or null)")
-    quantization = _value(cfg, "teacher_quantization", problems)
-    if quantization is not None and quantization not in TEACHER_QUANTIZATIONS:
-        problems.error(
-            f"teacher_quantization = {quantization!r} is not supported: use null or "
-            f"{list(TEACHER_QUANTIZATIONS)}"
-        )
-    resume = _value(cfg, "resume_from_checkpoint", problems)
-    if not isinstance(resume, bool | str):
-        problems.error(
-            f"resume_from_checkpoint = {resume!r} is invalid: use false, true (latest "
-            "checkpoint in output_dir) or the path of a checkpoint folder"
-        )
 
 
 def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
@@ -420,11 +261,15 @@ def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
     for key, cls in (("loss", loss_cls), ("kd_loss", kd_cls)):
         if cls is None:
             continue
-        if not _forward_accepts(cls, "num_tokens"):
+        # A loss without num_tokens (torchtune's own) is a mean over its micro-batch; the
+        # recipe rescales it to the step's token count (runtime.StepNormalized).
+        if not _forward_accepts(cls, "num_tokens") and "ignore_index" not in component_options(
+            cfg[key]
+        ):
             problems.error(
-                f"{key}._component_ = {cfg[key]['_component_']}: its forward takes no num_tokens, "
-                "so gradient accumulation could not be normalised by the step's token count; use "
-                "the class of the same name from kdtune.losses (same options)"
+                f"{key}._component_ = {cfg[key]['_component_']}: its forward takes no num_tokens "
+                "and it has no ignore_index, so its mean cannot be rescaled to the step's token "
+                "count; use a loss from kdtune.losses or torchtune.modules.loss"
             )
             return
         if "num_output_chunks" not in component_options(cfg[key]):
@@ -489,6 +334,22 @@ def _check_kd_options(cfg: DictConfig, problems: _Problems) -> None:
         chunks = options.get("num_chunks")
         if not _is_int(chunks) or chunks < 1:
             problems.error(f"kd_loss.num_chunks = {chunks!r} is invalid: use an int >= 1")
+
+
+def _check_activation_offloading(cfg: DictConfig, problems: _Problems) -> None:
+    """As torchtune's recipes: offloading needs CUDA and activation checkpointing."""
+    if not cfg.enable_activation_offloading:
+        return
+    if not str(cfg.device).startswith("cuda"):
+        problems.error(
+            f"enable_activation_offloading = true with device = {cfg.device!r}: offloading "
+            "moves activations from the GPU to CPU memory; set it to false on CPU"
+        )
+    if not cfg.enable_activation_checkpointing:
+        problems.error(
+            "enable_activation_offloading = true needs enable_activation_checkpointing: true "
+            "(as in torchtune): set both, or set enable_activation_offloading: false"
+        )
 
 
 def _check_datasets(cfg: DictConfig, problems: _Problems) -> None:
@@ -601,13 +462,13 @@ def check_config(cfg: DictConfig) -> None:
     cfg = normalize_null_components(cfg)
     problems = _Problems(errors=[], warnings=[])
     _check_top_level_keys(cfg, problems)
-    problems.raise_if_any("in the keys")  # later checks read these keys
     _check_components(cfg, problems)
-    _check_scalars(cfg, problems)
-    problems.raise_if_any("in the values")
+    problems.raise_if_any("in the keys and values")  # later checks read these keys
+    cfg = with_defaults(cfg)
     _check_loss_setup(cfg, problems)
     _check_kd_options(cfg, problems)
     _check_student_checkpointer(cfg, problems)
+    _check_activation_offloading(cfg, problems)
     _check_datasets(cfg, problems)
     _check_checkpoint_files(cfg, problems)
     problems.raise_if_any("before building models")

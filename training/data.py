@@ -102,6 +102,33 @@ def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def rank_loaders(
+    cfg: DictConfig, tokenizer: Any, ignore_index: int, seed: int, rank: int, world_size: int
+) -> tuple[StatefulDataLoader, StatefulDataLoader | None]:
+    """This rank's training loader (``dataset``, ``batch_size``, ``shuffle``; incomplete last
+    batch dropped) and validation loader (``validation_dataset``, ``validation_batch_size`` or
+    ``batch_size``; in order, nothing dropped; None without a validation dataset)."""
+    collate = sft_collate(tokenizer.pad_id, ignore_index)
+
+    def loader(node: DictConfig, batch_size: int, *, train: bool) -> StatefulDataLoader:
+        return build_dataloader(
+            build_dataset(node, tokenizer),
+            batch_size=batch_size,
+            collate_fn=collate,
+            shuffle=bool(cfg.shuffle) and train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=train,
+        )
+
+    train = loader(cfg.dataset, cfg.batch_size, train=True)
+    if cfg.validation_dataset is None:
+        return train, None
+    batch_size = cfg.validation_batch_size or cfg.batch_size
+    return train, loader(cfg.validation_dataset, batch_size, train=False)
+
+
 def build_dataloader(
     dataset: Dataset,
     *,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,10 +172,17 @@ class StepLog:
     rank; None elsewhere) and the progress bar. ``add`` and ``flush`` are collectives: every
     rank calls them at the same steps."""
 
-    def __init__(self, writer: MetricsWriter, metric_logger: Any, log_every: int) -> None:
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        metric_logger: Any,
+        log_every: int,
+        memory_stats: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.writer = writer
         self.metric_logger = metric_logger
         self.log_every = log_every
+        self.memory_stats = memory_stats  # extra numbers for the metric logger at logging steps
         self.progress: Any = None  # a tqdm bar while training
         self.pending: list[PendingStep] = []
 
@@ -199,7 +207,8 @@ class StepLog:
                 self.progress.set_postfix(
                     loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}"
                 )
-            self.to_metric_logger(record, prefix="")
+            extra = self.memory_stats() if self.memory_stats is not None else {}
+            self.to_metric_logger(record | extra, prefix="")
         self.pending = []
 
     def to_metric_logger(self, record: dict[str, Any], prefix: str) -> None:

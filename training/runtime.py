@@ -20,12 +20,14 @@ in a single process.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -429,6 +431,34 @@ def compile_loss(loss: nn.Module | None) -> nn.Module | None:
     return torch.compile(loss, backend=_compile_backend())
 
 
+class StepNormalized(nn.Module):
+    """A loss in torchtune's contract (the mean over its micro-batch's target tokens) in
+    kdtune's (the micro-batch's token sum divided by the step's count ``num_tokens``): its value
+    times the micro-batch's target count over ``num_tokens``. The gradient is that of the token
+    sum over the step's count, as for kdtune's own losses.
+
+    Forward: the wrapped loss's positional arguments, ``labels`` ``[B, S]`` (shifted) last,
+    and ``num_tokens`` (0-dim). An all-ignored micro-batch contributes an exact 0.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self.ignore_index = loss.ignore_index
+        self.num_output_chunks = loss.num_output_chunks
+
+    def forward(self, *args: Any, num_tokens: Tensor) -> Tensor:
+        count = (args[-1] != self.ignore_index).sum()
+        mean = self.loss(*args)
+        return torch.where(count > 0, mean * count, torch.zeros_like(mean)) / num_tokens
+
+
+def _step_normalized(loss: nn.Module | None) -> nn.Module | None:
+    if loss is None or "num_tokens" in inspect.signature(loss.forward).parameters:
+        return loss
+    return StepNormalized(loss)
+
+
 @dataclass(frozen=True)
 class LossSetup:
     """The built loss step and the options the rest of the run reads from the built losses."""
@@ -452,8 +482,8 @@ def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | No
             ignore_index=fused_loss.ignore_index,
             num_chunks=fused_loss.num_chunks,
         )
-    ce_loss = config.instantiate(cfg.loss)
-    kd_loss = config.instantiate(cfg.kd_loss)
+    ce_loss = _step_normalized(config.instantiate(cfg.loss))
+    kd_loss = _step_normalized(config.instantiate(cfg.kd_loss))
     student.set_num_output_chunks(ce_loss.num_output_chunks)
     if teacher is not None:
         teacher.set_num_output_chunks(ce_loss.num_output_chunks)
@@ -466,6 +496,31 @@ def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | No
         ignore_index=ignore_index,
         num_chunks=num_chunks,
     )
+
+
+def setup_profiler(node: DictConfig | None) -> Any:
+    """torchtune's profiler from the ``profiler`` node (``setup_torch_profiler``; with
+    ``enabled: false`` or no node, its no-op ``DummyProfiler``). Call ``start()``, ``step()``
+    after each optimizer step and ``stop()``, as torchtune's recipes do."""
+    if node is None:
+        return training.DummyProfiler()
+    profiler, _ = config.instantiate(node)
+    return profiler
+
+
+def memory_stats_reader(enabled: bool, device: torch.device) -> Callable[[], dict] | None:
+    """``log_peak_memory_stats``: torchtune's ``get_memory_stats`` (peak active, allocated and
+    reserved GiB since the last read) on CUDA; on CPU, as in torchtune, a warning and none."""
+    if not enabled:
+        return None
+    if device.type == "cpu":
+        warnings.warn(
+            "log_peak_memory_stats = true has no effect on CPU (the metrics already hold each "
+            "rank's peak resident memory): set it to false",
+            stacklevel=2,
+        )
+        return None
+    return lambda: training.get_memory_stats(device=device)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
