@@ -53,6 +53,7 @@ from kdtune.training.config_schema import with_defaults
 from kdtune.training.data import (
     batch_to_device,
     count_loss_tokens,
+    model_inputs,
     next_micro_batches,
     rank_loaders,
     shift_labels,
@@ -258,10 +259,9 @@ class KDRecipe(FTRecipeInterface):
         }
 
     def _run_invariants(self) -> dict[str, Any]:
-        cfg = self._cfg
         return {
             "seed": self.seed,
-            "batch_size": int(cfg.batch_size),
+            "batch_size": int(self._cfg.batch_size),
             "gradient_accumulation_steps": self._accumulation,
             "steps_per_epoch": self._steps_per_epoch,
             "world_size": self._runtime.world_size,
@@ -292,9 +292,10 @@ class KDRecipe(FTRecipeInterface):
         """The KD step: every micro-batch loss is its token sum divided by the step's target
         token count (all micro-batches, all ranks), so the accumulated gradient is the gradient
         of the step's mean loss. No host sync: the results stay on the device."""
-        device = self._runtime.device
-        batches = [batch_to_device(batch, device) for batch in micro_batches]
-        labels = [shift_labels(batch["labels"], self._ignore_index) for batch in batches]
+        batches = [batch_to_device(batch, self._runtime.device) for batch in micro_batches]
+        labels = [
+            shift_labels(b["labels"], self._ignore_index, b.get("input_pos")) for b in batches
+        ]
         num_tokens = process_group.all_reduce_sum(count_loss_tokens(labels, self._ignore_index))
         parts: list[MicroBatchLoss] = []
         for index, (batch, shifted) in enumerate(zip(batches, labels)):
@@ -302,7 +303,12 @@ class KDRecipe(FTRecipeInterface):
             parallel.set_gradient_sync(self._student, index == len(batches) - 1)
             with self._offload_activations:
                 part = self._loss_step(
-                    self._student, self._teacher, batch["tokens"], shifted, num_tokens
+                    self._student,
+                    self._teacher,
+                    batch["tokens"],
+                    shifted,
+                    num_tokens,
+                    **model_inputs(batch),
                 )
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))

@@ -103,7 +103,7 @@ BAD_VALUES = [
     (["kd_loss=null"], ["kd_loss is null", "kdtune.losses"]),
     (["loss=null"], ["loss is null", "CEWithChunkedOutputLoss"]),
     (["resume_from_checkpoint=3"], ["resume_from_checkpoint", "3"]),
-    (["dataset.packed=true"], ["dataset.packed", "packed: false"]),
+    (["validation_dataset.packed=true"], ["validation_dataset.packed", "packed: false"]),
 ]
 
 

@@ -364,9 +364,10 @@ def _check_datasets(cfg: DictConfig, problems: _Problems) -> None:
                 f"{key} must be a _component_ node (e.g. torchtune.datasets.alpaca_dataset)"
             )
             continue
-        if node.get("packed", False):
+        if key == "validation_dataset" and node.get("packed", False):
             problems.error(
-                f"{key}.packed = true is not supported by this recipe: set packed: false"
+                f"{key}.packed = true is not supported for validation (packing is a training "
+                "speed-up): set packed: false"
             )
         if node.get("source") in _DATA_FILE_SOURCES and node.get("data_files") is not None:
             files = node.data_files

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config
-from torchtune.data import padded_collate_sft
+from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.datasets import ConcatDataset
 
 Batch = dict[str, Tensor]
@@ -42,14 +42,20 @@ def sft_collate(pad_id: int, ignore_index: int) -> Callable[[list[dict[str, Any]
     return partial(padded_collate_sft, padding_idx=pad_id, ignore_idx=ignore_index)
 
 
-def shift_labels(labels: Tensor, ignore_index: int) -> Tensor:
+def shift_labels(labels: Tensor, ignore_index: int, input_pos: Tensor | None = None) -> Tensor:
     """Targets aligned with the logits: position ``t`` predicts token ``t + 1``.
 
     ``labels[:, 1:]`` followed by one ``ignore_index`` column, so the logits need no slicing.
-    ``[B, S] -> [B, S]``.
+    ``[B, S] -> [B, S]``. For packed rows (``input_pos`` ``[B, S]``, restarting at 0 with each
+    document), a document's last position has no target: the next token starts another
+    document, so CE and KD both skip it, as they skip the last position of an unpacked row.
     """
     pad = torch.full_like(labels[:, :1], ignore_index)
-    return torch.cat([labels[:, 1:], pad], dim=1)
+    shifted = torch.cat([labels[:, 1:], pad], dim=1)
+    if input_pos is None:
+        return shifted
+    next_starts = torch.cat([input_pos[:, 1:] == 0, torch.ones_like(pad, dtype=torch.bool)], 1)
+    return shifted.masked_fill(next_starts, ignore_index)
 
 
 def count_loss_tokens(shifted_labels: list[Tensor], ignore_index: int) -> Tensor:
@@ -102,6 +108,14 @@ def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The batch's keyword arguments for the models' forward: a packed batch's ``mask``
+    (``[B, S, S]`` block-causal, or a flex-attention ``BlockMask``: no attention across
+    documents) and ``input_pos`` (``[B, S]``: positions restart with each document); none for
+    an unpacked batch."""
+    return {key: batch[key] for key in ("mask", "input_pos") if key in batch}
+
+
 def rank_loaders(
     cfg: DictConfig, tokenizer: Any, ignore_index: int, seed: int, rank: int, world_size: int
 ) -> tuple[StatefulDataLoader, StatefulDataLoader | None]:
@@ -111,10 +125,12 @@ def rank_loaders(
     collate = sft_collate(tokenizer.pad_id, ignore_index)
 
     def loader(node: DictConfig, batch_size: int, *, train: bool) -> StatefulDataLoader:
+        packed = isinstance(node, DictConfig) and bool(node.get("packed", False))
         return build_dataloader(
             build_dataset(node, tokenizer),
             batch_size=batch_size,
-            collate_fn=collate,
+            # Packed rows are already max_seq_len long; the mask keeps documents apart.
+            collate_fn=padded_collate_packed if packed else collate,
             shuffle=bool(cfg.shuffle) and train,
             seed=seed,
             rank=rank,

@@ -13,6 +13,7 @@ Labels passed in are already shifted (:func:`kdtune.training.data.shift_labels`)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,9 +50,11 @@ class ChunkedLossStep:
         tokens: Tensor,
         labels: Tensor,
         num_tokens: Tensor,
+        **model_kwargs: Any,
     ) -> MicroBatchLoss:
-        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
-        student_logits = student(tokens)  # list of [B, S_i, V] chunks
+        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count;
+        ``model_kwargs``: passed to both models' forward (a packed batch's mask, input_pos)."""
+        student_logits = student(tokens, **model_kwargs)  # list of [B, S_i, V] chunks
         if self.kd_ratio == 1.0:
             with torch.no_grad():  # logged only: no backward through a term weighted 0
                 ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
@@ -60,7 +63,7 @@ class ChunkedLossStep:
         if teacher is None:
             return MicroBatchLoss(loss=ce, ce=ce.detach(), kd=None)
         with torch.no_grad():
-            teacher_logits = teacher(tokens)
+            teacher_logits = teacher(tokens, **model_kwargs)
         kd = self.kd_loss(student_logits, teacher_logits, labels, num_tokens=num_tokens)
         loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         return MicroBatchLoss(loss=loss, ce=ce.detach(), kd=kd.detach())
@@ -80,12 +83,14 @@ class FusedLossStep:
         tokens: Tensor,
         labels: Tensor,
         num_tokens: Tensor,
+        **model_kwargs: Any,
     ) -> MicroBatchLoss:
-        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
-        student_hidden = forward_hidden(student, tokens)  # [B, S, D_s]
+        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count;
+        ``model_kwargs``: passed to both models' forward (a packed batch's mask, input_pos)."""
+        student_hidden = forward_hidden(student, tokens, **model_kwargs)  # [B, S, D_s]
         student_weight, student_bias = output_projection(student)  # [V_s, D_s]
         with torch.no_grad():
-            teacher_hidden = forward_hidden(teacher, tokens)  # [B, S, D_t]
+            teacher_hidden = forward_hidden(teacher, tokens, **model_kwargs)  # [B, S, D_t]
             teacher_weight, teacher_bias = output_projection(teacher)  # [V_t, D_t]
         if teacher_bias is not None:
             raise ValueError("the fused loss does not support a teacher output bias")
