@@ -50,6 +50,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from kdtune import __version__
+from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import checkpointing as ckpt
 from kdtune.training import distributed
 from kdtune.training.config_checks import (
@@ -137,6 +138,8 @@ class KDRecipe(FTRecipeInterface):
 
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._check_vocabularies(cfg)
+        # teacher_cache: its top-k rows replace the teacher (checked before models are built).
+        self._teacher_cache = teacher_cache.open_for_training(cfg)
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if runtime.is_main else None
         if self._metric_logger is not None:
@@ -279,7 +282,7 @@ class KDRecipe(FTRecipeInterface):
         return reader.load_checkpoint()[training.MODEL_KEY]
 
     def _setup_teacher(self, cfg: DictConfig) -> nn.Module | None:
-        if cfg.teacher_model is None:
+        if cfg.teacher_model is None or self._teacher_cache is not None:
             return None
         runtime = self._runtime
         teacher = build_model(cfg.teacher_model, runtime.dtype)
@@ -340,9 +343,13 @@ class KDRecipe(FTRecipeInterface):
         samples one process reads with ``batch_size`` ``W * batch_size``.
         """
         runtime = self._runtime
-        collate = sft_collate(self._tokenizer.pad_id, self._ignore_index)
-        self._dataloader = distributed.build_dataloader(
+        dataset, collate = teacher_cache.indexed(
             build_dataset(cfg.dataset, self._tokenizer),
+            sft_collate(self._tokenizer.pad_id, self._ignore_index),
+        )
+        teacher_cache.check_num_samples(self._teacher_cache, dataset)
+        self._dataloader = distributed.build_dataloader(
+            dataset,
             batch_size=cfg.batch_size,
             collate_fn=collate,
             shuffle=cfg.shuffle,
@@ -421,9 +428,10 @@ class KDRecipe(FTRecipeInterface):
         num_tokens = distributed.all_reduce_sum(count_loss_tokens(labels, self._ignore_index))
         parts: list[MicroBatchLoss] = []
         for batch, shifted in zip(batches, labels):
-            part = self._loss_step(
-                self._student, self._teacher, batch["tokens"], shifted, num_tokens
+            teacher = teacher_cache.teacher_view(
+                self._teacher, self._teacher_cache, batch, shifted, self._ignore_index
             )
+            part = self._loss_step(self._student, teacher, batch["tokens"], shifted, num_tokens)
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))
         return self._step_losses(parts, num_tokens)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kdtune.teacher_cache.topk import TopKTeacher
 from kdtune.training.lm_head import forward_hidden, output_projection, release_output_projection
 
 
@@ -45,7 +46,7 @@ class ChunkedLossStep:
     def __call__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None,
+        teacher: nn.Module | TopKTeacher | None,
         tokens: Tensor,
         labels: Tensor,
         num_tokens: Tensor,
@@ -59,8 +60,11 @@ class ChunkedLossStep:
             ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
         if teacher is None:
             return MicroBatchLoss(loss=ce, ce=ce.detach(), kd=None)
-        with torch.no_grad():
-            teacher_logits = teacher(tokens)
+        if isinstance(teacher, TopKTeacher):  # cached top-k rows (kdtune.teacher_cache)
+            teacher_logits = teacher
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(tokens)
         kd = self.kd_loss(student_logits, teacher_logits, labels, num_tokens=num_tokens)
         loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         return MicroBatchLoss(loss=loss, ce=ce.detach(), kd=kd.detach())
@@ -76,7 +80,7 @@ class FusedLossStep:
     def __call__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None,
+        teacher: nn.Module | TopKTeacher | None,
         tokens: Tensor,
         labels: Tensor,
         num_tokens: Tensor,
@@ -84,6 +88,17 @@ class FusedLossStep:
         """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
         student_hidden = forward_hidden(student, tokens)  # [B, S, D_s]
         student_weight, student_bias = output_projection(student)  # [V_s, D_s]
+        if isinstance(teacher, TopKTeacher):  # cached top-k rows (kdtune.teacher_cache)
+            out = self.fused_loss(
+                student_hidden,
+                student_weight,
+                labels,
+                kd_ratio=self.kd_ratio,
+                teacher_topk=teacher,
+                student_bias=student_bias,
+                num_tokens=num_tokens,
+            )
+            return MicroBatchLoss(loss=out.loss, ce=out.ce_loss.detach(), kd=out.kd_loss.detach())
         with torch.no_grad():
             teacher_hidden = forward_hidden(teacher, tokens)  # [B, S, D_t]
             teacher_weight, teacher_bias = output_projection(teacher)  # [V_t, D_t]
