@@ -17,7 +17,8 @@ the log-probabilities non-increasing. Last, the k + 1 buckets are renormalised t
 stored on its own rather than as ``1 - sum``, which would cancel catastrophically when the k
 ids hold nearly all the mass.
 
-With ``k <= M`` every rank is a knot and the encoding is exact up to float16 rounding. The
+A -inf knot (a token of probability 0, e.g. a masked vocabulary) makes every rank after the
+previous knot -inf. With ``k <= M`` every rank is a knot and the encoding is exact up to float16 rounding. The
 default ``M = 12`` puts the knots at ranks 1-6, 10, 17, 28, 46, 77 and 128 for k = 128; at V = 128,256 a position takes 272 + 26 = 298 bytes. The measured round-trip error is
 in ``tests/test_teacher_cache.py`` and the README.
 """
