@@ -30,6 +30,7 @@ default peak memory does not grow with the sequence length.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -327,36 +328,14 @@ class FusedLinearKDLoss(EngineLoss):
 
 
 def fused_linear_kd_loss(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    labels: Tensor,
-    *,
-    kd_ratio: float,
-    teacher_hidden: Tensor | None = None,
-    teacher_weight: Tensor | None = None,
-    teacher_logits: Tensor | None = None,
-    teacher_topk: TopKTeacher | None = None,
-    student_bias: Tensor | None = None,
-    teacher_bias: Tensor | None = None,
-    num_tokens: Tensor | int | None = None,
-    **options: Any,
+    student_hidden: Tensor, student_weight: Tensor, labels: Tensor, **kwargs: Any
 ) -> KDOutput:
-    """:class:`FusedLinearKDLoss` as a function: ``options`` are its constructor's keywords
-    (``divergence``, ``divergence_params``, ``num_chunks``, ``chunk_size``, ...); the tensors are
-    :meth:`FusedLinearKDLoss.forward`'s."""
-    return FusedLinearKDLoss(**options)(
-        student_hidden,
-        student_weight,
-        labels,
-        kd_ratio=kd_ratio,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        teacher_logits=teacher_logits,
-        teacher_topk=teacher_topk,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-        num_tokens=num_tokens,
-    )
+    """:class:`FusedLinearKDLoss` as a function. ``kwargs`` holds the keywords of
+    :meth:`FusedLinearKDLoss.forward` (``kd_ratio``, the teacher's tensors, ``num_tokens``, ...)
+    and of its constructor (``divergence``, ``num_chunks``, ``chunk_size``, ...)."""
+    tensor_keys = inspect.signature(FusedLinearKDLoss.forward).parameters
+    tensors = {key: kwargs.pop(key) for key in list(kwargs) if key in tensor_keys}
+    return FusedLinearKDLoss(**kwargs)(student_hidden, student_weight, labels, **tensors)
 
 
 def _torchtune_divergences() -> list[tuple[type, Callable[[Any], tuple[str, dict]]]]:
