@@ -202,7 +202,7 @@ def _tempered(logits: Tensor, temperature: float) -> Tensor:
     """``logits / T`` in the compute dtype (the chunk itself when ``T == 1``)."""
     if temperature == 1.0:
         return logits
-    return logits.to(_compute_dtype(logits)) / temperature
+    return logits.to(_compute_dtype(logits), copy=True).div_(temperature)
 
 
 def masked_divergence(name, params, s, t, want_s, want_t):
