@@ -320,6 +320,8 @@ class KDRecipe(FTRecipeInterface):
             fused_loss = config.instantiate(cfg.kd_loss)
             self._ignore_index = fused_loss.ignore_index
             self._num_chunks = loss_chunks(cfg.kd_loss)
+            if cfg.compile:
+                compile_loss(fused_loss)
             self._loss_step = FusedLossStep(fused_loss, self._kd_ratio)
             return
         ce_loss = config.instantiate(cfg.loss)

@@ -7,20 +7,11 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-try:
-    from kdtune.losses import TopKTeacher
-except ImportError:  # TEMPORARY until the engine branch's TopKTeacher is merged
-
-    class TopKTeacher(NamedTuple):  # type: ignore[no-redef]
-        token_ids: Tensor
-        logprobs: Tensor
-        rest_logmass: Tensor
-
+from kdtune.losses import TopKTeacher
 
 __all__ = ["TopKTeacher", "topk_logprobs"]
 

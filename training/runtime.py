@@ -416,10 +416,10 @@ def quantize_int8_weight_only(model: nn.Module) -> None:
 
 
 def compile_loss(loss: nn.Module | None) -> nn.Module | None:
-    """``torch.compile`` a loss module (the per-chunk work runs inside its forward)."""
-    if loss is None:
-        return None
-    return torch.compile(loss, backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+    """Compile a loss module: kdtune's compile their per-chunk math only (``Module.compile``)."""
+    if loss is not None:
+        loss.compile(backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+    return loss
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kdtune.teacher_cache.topk import TopKTeacher
+from kdtune.losses import TopKTeacher
 from kdtune.training.lm_head import forward_hidden, output_projection, release_output_projection
 
 
@@ -36,7 +36,12 @@ class MicroBatchLoss:
 
 
 class ChunkedLossStep:
-    """Both models return their logits as a list of chunks; chunked CE and KD losses."""
+    """Both models return their logits as a list of chunks; chunked CE and KD losses.
+
+    With a kdtune KD loss (it has ``kd_and_ce``) both terms of every chunk come from one engine
+    call (one upcast and one student log-softmax per chunk, one gradient kept); any other KD
+    loss module (e.g. torchtune's) is called beside the CE loss.
+    """
 
     def __init__(self, ce_loss: nn.Module, kd_loss: nn.Module | None, kd_ratio: float) -> None:
         self.ce_loss = ce_loss
@@ -53,6 +58,20 @@ class ChunkedLossStep:
     ) -> MicroBatchLoss:
         """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
         student_logits = student(tokens)  # list of [B, S_i, V] chunks
+        if isinstance(teacher, TopKTeacher):  # cached top-k rows (kdtune.teacher_cache)
+            teacher_logits = teacher
+        elif teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(tokens)
+        if teacher is not None and hasattr(self.kd_loss, "kd_and_ce"):
+            out = self.kd_loss.kd_and_ce(
+                student_logits,
+                teacher_logits,
+                labels,
+                kd_ratio=self.kd_ratio,
+                num_tokens=num_tokens,
+            )
+            return MicroBatchLoss(loss=out.loss, ce=out.ce_loss, kd=out.kd_loss)
         if self.kd_ratio == 1.0:
             with torch.no_grad():  # logged only: no backward through a term weighted 0
                 ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
@@ -60,11 +79,6 @@ class ChunkedLossStep:
             ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
         if teacher is None:
             return MicroBatchLoss(loss=ce, ce=ce.detach(), kd=None)
-        if isinstance(teacher, TopKTeacher):  # cached top-k rows (kdtune.teacher_cache)
-            teacher_logits = teacher
-        else:
-            with torch.no_grad():
-                teacher_logits = teacher(tokens)
         kd = self.kd_loss(student_logits, teacher_logits, labels, num_tokens=num_tokens)
         loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         return MicroBatchLoss(loss=loss, ce=ce.detach(), kd=kd.detach())
