@@ -37,11 +37,14 @@ class IndexedDataset(Dataset):
 def collate_with_sample_index(
     collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
 ) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
-    """Wrap a collate function: the batch gains ``"sample_index"``, an int64 ``[B]`` tensor."""
+    """Wrap a collate function: the batch gains ``"sample_index"``, an int64 ``[B]`` tensor,
+    when the samples carry one (:class:`IndexedDataset`); other samples collate as before."""
 
     def collate_fn(samples: list[dict[str, Any]]) -> dict[str, Tensor]:
         batch = collate([{k: v for k, v in s.items() if k != SAMPLE_INDEX} for s in samples])
-        batch[SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s in samples], dtype=torch.int64)
+        if samples and SAMPLE_INDEX in samples[0]:
+            indices = [s[SAMPLE_INDEX] for s in samples]
+            batch[SAMPLE_INDEX] = torch.tensor(indices, dtype=torch.int64)
         return batch
 
     return collate_fn
