@@ -6,10 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,6 @@ from kdtune.teacher_cache.topk import topk_logprobs
 from kdtune.training.config_checks import ConfigError
 from kdtune.training.data import build_dataset, sft_collate, shift_labels
 
-REPO = Path(__file__).resolve().parents[1]
 LLAMA3_VOCAB = 128_256
 IGNORE = -100
 
@@ -176,7 +175,6 @@ def tiny_cfg(assets, *overrides: str) -> DictConfig:
 
 # k = 16 with 16 knots: every value is stored (float16), so rows can be checked exactly.
 OPTIONS = BuildOptions(top_k=16, knots=16, samples_per_shard=64, batch_size=8)
-BUILD_ARGS = ["--top_k", "16", "--knots", "16", "--samples_per_shard", "64", "--batch_size", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -195,22 +193,22 @@ def cache_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != BUILD_STATS}
 
 
+def _build_and_get_killed(cfg: DictConfig, options: BuildOptions, after_shards: int) -> None:
+    """In a forked child (no second start-up): SIGKILLed half-way through writing a shard."""
+    os.environ["KDTUNE_TEST_KILL_CACHE_BUILD_AFTER_SHARDS"] = str(after_shards)
+    build_teacher_cache(cfg, options)
+
+
 def test_a_killed_build_resumes_to_the_same_cache(built, tiny_assets, tmp_path):
     folder = tmp_path / "killed"
-    command = [
-        sys.executable,
-        "-m",
-        "kdtune.teacher_cache",
-        "--config",
-        "tiny/full_chunked",
-        *BUILD_ARGS,
-        f"assets_dir={tiny_assets.root}",
-        f"teacher_cache={folder}",
-    ]
+    cfg = tiny_cfg(tiny_assets, f"teacher_cache={folder}")
     # Killed (SIGKILL) half-way through writing shard 2, after shards 0 and 1 were finished.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDTUNE_TEST_KILL_CACHE_BUILD_AFTER_SHARDS": "2"}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    child = multiprocessing.get_context("fork").Process(
+        target=_build_and_get_killed, args=(cfg, OPTIONS, 2)
+    )
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
     names = {p.name for p in folder.iterdir()}
     assert "manifest.json" not in names
     assert {"shard_00000.safetensors.json", "shard_00001.safetensors.json"} <= names
