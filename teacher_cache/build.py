@@ -79,6 +79,7 @@ class BuildOptions:
 
     top_k: int = 128
     knots: int = DEFAULT_KNOTS
+    value_dtype: str = "float16"
     samples_per_shard: int = 2048
     batch_size: int | None = None  # None: the config's batch_size
     positions_per_chunk: int = 2048  # rows projected to [n, V] logits at once
@@ -128,7 +129,7 @@ def _plan(cfg: DictConfig, options: BuildOptions, num_samples: int) -> dict[str,
     """Everything that determines the cache's contents (a resumed build must match it)."""
     vocab = describe_model(cfg.teacher_model).vocab_size
     columns = kd_options(cfg)["vocab_columns"]
-    codec = TopKCodec(options.top_k, int(columns or vocab), options.knots)
+    codec = TopKCodec(options.top_k, int(columns or vocab), options.knots, options.value_dtype)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -191,7 +192,10 @@ class _ShardBuilder:
         self.cfg = cfg
 
     def start(self, plan: dict[str, Any]) -> None:
-        self.codec = TopKCodec(self.options.top_k, plan["vocab_size"], self.options.knots)
+        options = self.options
+        self.codec = TopKCodec(
+            options.top_k, plan["vocab_size"], options.knots, options.value_dtype
+        )
 
     @torch.no_grad()
     def build(self, samples: range, progress: tqdm) -> dict[str, Tensor]:
@@ -237,7 +241,7 @@ class _ShardBuilder:
         if not packed:
             return (
                 torch.zeros(0, self.codec.id_bytes, dtype=torch.uint8),
-                torch.zeros(0, self.codec.num_values, dtype=torch.float16),
+                torch.zeros(0, self.codec.num_values, dtype=self.codec.dtype),
             )
         return torch.cat(packed), torch.cat(values)
 
@@ -374,7 +378,8 @@ def summary(manifest: dict[str, Any], folder: str | Path, seconds: float) -> str
         f"{manifest['identity']['temperature']}, V = {manifest['vocab_size']}\n"
         f"{manifest['bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.1f} bytes/token "
         f"({encoding['bytes_per_position']} per position: {encoding['id_bits']}-bit ids, "
-        f"{len(encoding['knot_ranks'])} float16 knots + rest mass), built in {seconds:.1f} s"
+        f"{len(encoding['knot_ranks'])} {encoding['value_dtype']} knots + rest mass), built in "
+        f"{seconds:.1f} s"
     )
 
 
@@ -396,7 +401,13 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--knots",
         type=int,
         default=defaults.knots,
-        help="float16 log-probs stored per token (the rest interpolated; >= top_k: all exact)",
+        help="log-probs stored per token (the rest interpolated; >= top_k: all exact)",
+    )
+    parser.add_argument(
+        "--value_dtype",
+        choices=["float16", "float32"],
+        default=defaults.value_dtype,
+        help="storage of the log-probs (float32: only to measure what float16 costs)",
     )
     parser.add_argument(
         "--samples_per_shard",
@@ -411,7 +422,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_options(args: argparse.Namespace) -> dict[str, Any]:
     """The build options given on a command line (to pass them on to torchrun's processes)."""
-    names = ("top_k", "knots", "samples_per_shard", "batch_size")
+    names = ("top_k", "knots", "value_dtype", "samples_per_shard", "batch_size")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -419,6 +430,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     return BuildOptions(
         top_k=args.top_k,
         knots=args.knots,
+        value_dtype=args.value_dtype,
         samples_per_shard=args.samples_per_shard,
         batch_size=args.batch_size,
     )

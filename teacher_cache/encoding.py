@@ -18,7 +18,8 @@ stored on its own rather than as ``1 - sum``, which would cancel catastrophicall
 ids hold nearly all the mass.
 
 A -inf knot (a token of probability 0, e.g. a masked vocabulary) makes every rank after the
-previous knot -inf. With ``k <= M`` every rank is a knot and the encoding is exact up to float16 rounding. The
+previous knot -inf. ``value_dtype="float32"`` (4 bytes a value) is there to measure what
+float16 costs. With ``k <= M`` every rank is a knot and the encoding is exact up to float16 rounding. The
 default ``M = 12`` puts the knots at ranks 1-6, 10, 17, 28, 46, 77 and 128 for k = 128; at V = 128,256 a position takes 272 + 26 = 298 bytes. The measured round-trip error is
 in ``tests/test_teacher_cache.py`` and the README.
 """
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_KNOTS = 12
-FLOAT16_MIN = float(torch.finfo(torch.float16).min)
+VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def id_bits(vocab_size: int) -> int:
@@ -90,8 +91,11 @@ class TopKCodec:
     k: int
     vocab_size: int
     num_knots: int = DEFAULT_KNOTS
+    value_dtype: str = "float16"
 
     def __post_init__(self) -> None:
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype = {self.value_dtype!r}: use one of {list(VALUE_DTYPES)}")
         if not 1 <= self.k <= self.vocab_size:
             raise ValueError(
                 f"top_k = {self.k} with vocabulary {self.vocab_size}: need 1 <= top_k <= V"
@@ -113,19 +117,23 @@ class TopKCodec:
 
     @property
     def num_values(self) -> int:
-        """float16 numbers per position: the knots and the rest mass."""
+        """Numbers per position: the knots and the rest mass."""
         return len(self.knots) + 1
 
     @property
     def bytes_per_position(self) -> int:
-        return self.id_bytes + 2 * self.num_values
+        return self.id_bytes + self.dtype.itemsize * self.num_values
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return VALUE_DTYPES[self.value_dtype]
 
     def describe(self) -> dict:
         """The encoding as recorded in a cache manifest."""
         return {
             "id_bits": self.bits,
             "knot_ranks": self.knots,
-            "value_dtype": "float16",
+            "value_dtype": self.value_dtype,
             "bytes_per_position": self.bytes_per_position,
         }
 
@@ -138,15 +146,16 @@ class TopKCodec:
             rest_logmass: ``[N]`` log of the probability outside the k ids.
 
         Returns:
-            ``(packed_ids [N, id_bytes] uint8, values [N, num_values] float16)``.
+            ``(packed_ids [N, id_bytes] uint8, values [N, num_values] value_dtype)``.
         """
         if ids.shape[-1] != self.k or logprobs.shape != ids.shape:
             raise ValueError(f"expected [N, {self.k}] ids and logprobs, got {tuple(ids.shape)}")
         knots = torch.tensor([r - 1 for r in self.knots], device=logprobs.device)
         values = torch.cat([logprobs.float()[:, knots], rest_logmass.float()[:, None]], dim=1)
         # Log-probs below float16's range (never in practice, except -inf) saturate.
-        values = torch.where(values.isneginf(), values, values.clamp(min=FLOAT16_MIN, max=0.0))
-        return pack_ids(ids, self.bits), values.to(torch.float16).cpu()
+        lowest = float(torch.finfo(self.dtype).min)
+        values = torch.where(values.isneginf(), values, values.clamp(min=lowest, max=0.0))
+        return pack_ids(ids, self.bits), values.to(self.dtype).cpu()
 
     def decode(self, packed_ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Decode N positions: ``(ids [N, k] int64, logprobs [N, k] fp32, rest [N] fp32)``.

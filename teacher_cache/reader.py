@@ -45,6 +45,7 @@ class TeacherCache:
             k=int(self.manifest["top_k"]),
             vocab_size=int(self.manifest["vocab_size"]),
             num_knots=len(encoding["knot_ranks"]),
+            value_dtype=encoding["value_dtype"],
         )
         if self.codec.describe() != encoding:
             raise ValueError(f"{self.folder}: the manifest's encoding {encoding} is not readable")

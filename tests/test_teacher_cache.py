@@ -117,6 +117,18 @@ def test_round_trip_is_float16_exact_when_every_rank_is_a_knot(k):
     assert (d_rest - rest).abs().max() <= 2.0**-10 * (rest.abs().max() + 1)
 
 
+def test_float32_values_round_trip_to_float32_precision():
+    torch.manual_seed(1)
+    codec = TopKCodec(8, 384, value_dtype="float32")
+    assert codec.bytes_per_position == 9 + 4 * 9
+    (ids, logprobs, rest), (d_ids, d_logprobs, d_rest) = _decode_round_trip(
+        codec, 4 * torch.randn(16, 384)
+    )
+    assert torch.equal(d_ids, ids)
+    torch.testing.assert_close(d_logprobs, logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(d_rest, rest, rtol=0, atol=1e-5)
+
+
 def test_lossy_round_trip_at_k128_stays_close_in_kl():
     """k = 128 > 12 knots on V = 128,256: the interpolated ranks cost little KL.
 
