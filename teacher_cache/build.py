@@ -189,6 +189,8 @@ class _ShardBuilder:
         self.collate = sft_collate(self.tokenizer.pad_id, self.ignore_index)
         self.batch_size = options.batch_size or int(cfg.batch_size)
         self.teacher: nn.Module | None = None
+        self.positions_done = 0  # over this run, for the progress bar's tokens/s
+        self.started = time.perf_counter()
         self.cfg = cfg
 
     def start(self, plan: dict[str, Any]) -> None:
@@ -213,8 +215,10 @@ class _ShardBuilder:
             batch_packed, batch_values = self._encode_batch(batch["tokens"], labels)
             packed.append(batch_packed)
             values.append(batch_values)
+            self.positions_done += int(batch_packed.shape[0])
+            seconds = max(time.perf_counter() - self.started, 1e-9)
+            progress.set_postfix(tok_s=f"{self.positions_done / seconds:.0f}", refresh=False)
             progress.update(len(indices))
-            progress.set_postfix(tok_s=f"{offsets[-1] / progress.format_dict['elapsed']:.0f}")
         return {
             "sample_index": torch.tensor(list(samples), dtype=torch.int64),
             "row_offsets": torch.tensor(offsets, dtype=torch.int64),

@@ -1,5 +1,6 @@
 """The KD recipe trained from a teacher cache: the same training as with the teacher (k = V), no
-teacher weights read, bit-exact resume, and 2 processes (FSDP2, gloo) equal to one."""
+teacher weights read, bit-exact resume, and 2 processes (FSDP2, gloo) equal to one, from a cache
+that 2 processes built byte-for-byte as one did."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from safetensors.torch import load_file
 from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.cli.registry import load_config, resolve_config
-from kdtune.teacher_cache.build import BuildOptions, build_teacher_cache
+from kdtune.teacher_cache.build import BUILD_STATS, BuildOptions, build_teacher_cache
 from kdtune.training.checkpointing import latest_checkpoint
 from kdtune.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "dist_workers" / "recipe_runs.py"
+WORKER = REPO / "tests" / "dist_workers" / "teacher_cache_runs.py"
 CACHED = "tiny/full_chunked_cached"
 VOCAB = 512  # tiny assets, small vocabulary
+# k = V with every rank a knot: the cache holds the teacher's whole distribution (float16).
+FULL = BuildOptions(top_k=VOCAB, knots=VOCAB, samples_per_shard=100)
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 
@@ -32,7 +35,7 @@ STEPS = ("epochs=2", "max_steps_per_epoch=3", "validate_every_n_steps=null")
 
 @pytest.fixture(scope="module")
 def full_cache(tiny_assets, tmp_path_factory) -> Path:
-    """k = V with every rank a knot: the cache holds the teacher's whole distribution (float16)."""
+    """The tiny teacher's cache with :data:`FULL` options, built by this process."""
     folder = tmp_path_factory.mktemp("recipe_cache") / "k512"
     cfg = load_config(
         resolve_config(CACHED), [f"assets_dir={tiny_assets.root}", f"teacher_cache={folder}"]
@@ -40,7 +43,7 @@ def full_cache(tiny_assets, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_teacher_cache(cfg, BuildOptions(top_k=VOCAB, knots=VOCAB, samples_per_shard=100))
+        build_teacher_cache(cfg, FULL)
     finally:
         torch.set_num_threads(threads)
     return folder
@@ -149,16 +152,25 @@ def test_cached_run_resumes_mid_epoch_bitwise(
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_from_the_cache_equal_one(straight_run, full_cache, tiny_assets, tmp_path):
-    """2 ranks x 1 sample x 2 micro-batches read the global batches of 1 process x 2 x 2."""
+def test_two_processes_build_and_train_as_one(straight_run, full_cache, tiny_assets, tmp_path):
+    """``kdtune cache-teacher`` with 2 processes writes the same bytes as with 1 (each rank its
+    own shards); then 2 ranks x 1 sample x 2 micro-batches train on the global batches of
+    1 process x 2 x 2, with the same losses."""
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("this torch build has no torch.distributed gloo backend")
-    output_dir = tmp_path / "two"
+    output_dir, cache = tmp_path / "two", tmp_path / "cache_two"
+    build = {
+        "config": CACHED,
+        "overrides": [f"assets_dir={tiny_assets.root}", f"teacher_cache={cache}"],
+        "options": vars(FULL),
+    }
     overrides = [f"assets_dir={tiny_assets.root}", *STEPS, "gradient_accumulation_steps=2"]
-    overrides += ["batch_size=1", f"output_dir={output_dir}", f"teacher_cache={full_cache}"]
+    overrides += ["batch_size=1", f"output_dir={output_dir}", f"teacher_cache={cache}"]
     (tmp_path / "runs.json").write_text(json.dumps([{"config": CACHED, "overrides": overrides}]))
+    (tmp_path / "build.json").write_text(json.dumps(build))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", str(WORKER), "--runs", str(tmp_path / "runs.json")]
+    command += ["--nproc_per_node", "2", str(WORKER), "--build", str(tmp_path / "build.json")]
+    command += ["--runs", str(tmp_path / "runs.json")]
     proc = subprocess.run(
         command,
         cwd=REPO,
@@ -168,6 +180,11 @@ def test_two_processes_from_the_cache_equal_one(straight_run, full_cache, tiny_a
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
+    built_by_two = sorted(p.name for p in cache.iterdir() if p.name != BUILD_STATS)
+    assert len(built_by_two) == 2 * 3 + 2  # 3 shards, their records, plan and manifest
+    for name in built_by_two:
+        assert (cache / name).read_bytes() == (full_cache / name).read_bytes(), name
+    assert json.loads((cache / BUILD_STATS).read_text())["world_size"] == 2
     assert read_metrics(output_dir, "setup")[-1]["world_size"] == 2
     ours, theirs = read_metrics(output_dir, "train"), read_metrics(straight_run, "train")
     assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, 7))
