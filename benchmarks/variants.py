@@ -160,8 +160,8 @@ def kdtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     return step
 
 
-def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
-    """``FusedLinearKDLoss`` with its defaults (rows from the memory budget) unless ``rows``."""
+def _fused_step(inputs: Inputs, rows: int, **teacher: object) -> Callable[[], Tensor]:
+    """``FusedLinearKDLoss`` (forward KL + CE), default chunking unless ``rows``."""
     from kdtune.losses.fused import FusedLinearKDLoss
 
     loss_fn = FusedLinearKDLoss("forward_kl", chunk_size=rows or None)
@@ -172,8 +172,7 @@ def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
             inputs.student_weight,
             inputs.labels,
             kd_ratio=KD_RATIO,
-            teacher_hidden=inputs.teacher_hidden,
-            teacher_weight=inputs.teacher_weight,
+            **teacher,
         )
         out.loss.backward()
         return out.loss.detach()
@@ -181,11 +180,17 @@ def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     return step
 
 
+def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
+    """``FusedLinearKDLoss`` with its defaults (rows from the memory budget) unless ``rows``."""
+    teacher = {"teacher_hidden": inputs.teacher_hidden, "teacher_weight": inputs.teacher_weight}
+    return _fused_step(inputs, rows, **teacher)
+
+
 TOPK = 128
 
 
 def kdtune_topk_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
-    from kdtune.losses import FusedLinearKDLoss, TopKTeacher
+    from kdtune.losses import TopKTeacher
 
     with torch.no_grad():  # what the cache would hold, built chunk by chunk
         ids, values, rest = [], [], []
@@ -196,20 +201,7 @@ def kdtune_topk_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
             values.append(top)
             rest.append(torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6)))
     teacher = TopKTeacher(torch.cat(ids, 1), torch.cat(values, 1), torch.cat(rest, 1))
-    loss_fn = FusedLinearKDLoss("forward_kl", chunk_size=rows or None)
-
-    def step() -> Tensor:
-        out = loss_fn(
-            inputs.student_hidden,
-            inputs.student_weight,
-            inputs.labels,
-            kd_ratio=KD_RATIO,
-            teacher_topk=teacher,
-        )
-        out.loss.backward()
-        return out.loss.detach()
-
-    return step
+    return _fused_step(inputs, rows, teacher_topk=teacher)
 
 
 def liger_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:

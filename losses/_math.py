@@ -302,10 +302,8 @@ def chunk_objective(
     log_z = F.log_softmax(student, dim=-1, dtype=dtype) if math_.with_ce else None
     ce = -log_z.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) if log_z is not None else None
 
-    kd = grad_kd = grad_t = q = None
-    if math_.divergence is None:
-        pass
-    elif isinstance(teacher, TopKTeacher):
+    kd = grad_kd = grad_t = q = None  # no teacher (CE only): all stay None
+    if math_.divergence is not None and isinstance(teacher, TopKTeacher):
         kd, grad_kd = topk_divergence(
             math_.divergence,
             params,
@@ -315,7 +313,7 @@ def chunk_objective(
             keep,
             want_s,
         )
-    elif masked:
+    elif math_.divergence is not None and masked:
         kd, grad_kd, grad_t = masked_divergence(
             math_.divergence,
             params,
@@ -324,7 +322,7 @@ def chunk_objective(
             want_s,
             want_t,
         )
-    else:
+    elif math_.divergence is not None:
         log_q = (
             log_z
             if shared
