@@ -82,7 +82,7 @@ class BuildOptions:
     value_dtype: str = "float16"
     samples_per_shard: int = 2048
     batch_size: int | None = None  # None: the config's batch_size
-    positions_per_chunk: int = 2048  # rows projected to [n, V] logits at once
+    positions_per_chunk: int = 512  # rows projected to [n, V] fp32 logits at once (~3 copies)
 
 
 @dataclass(frozen=True)
