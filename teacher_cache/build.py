@@ -262,6 +262,7 @@ def _write_shard(folder: Path, number: int, tensors: dict[str, Tensor], samples:
     path = folder / shard_name(number)
     tmp = folder / f".{path.name}.tmp{os.getpid()}"
     save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a cache is meant to be shared
     kill_after = os.environ.get(_KILL_AFTER_SHARDS)
     if kill_after is not None and number == int(kill_after):
         _kill_mid_write(tmp)
@@ -286,7 +287,8 @@ def _kill_mid_write(tmp: Path) -> None:
 
 
 def _remove_stale(folder: Path, numbers: list[int]) -> None:
-    """Temporary files and unverified shards of this rank, left by a killed build."""
+    """This rank's temporary shard files left by a killed build (a shard that fails to verify
+    is simply rebuilt and replaced)."""
     mine = {shard_name(n) for n in numbers}
     for path in folder.glob(".shard_*.tmp*"):
         if path.name[1:].split(".tmp")[0] in mine:
