@@ -331,3 +331,17 @@ def test_mismatches_are_named(built, tiny_assets, tmp_path):
     assert "the training data" in message and "the tokenizer" in message
     assert "max_seq_len" not in message  # only what differs is named
     assert "kdtune cache-teacher" in error(f"teacher_cache={tmp_path / 'missing'}")
+
+
+def test_cache_teacher_command_prints_bytes_per_token(tiny_assets, tmp_path, capsys):
+    from kdtune.cli.main import main as kdtune_main
+
+    folder = tmp_path / "cli"
+    argv = ["cache-teacher", "--config", "tiny/full_chunked", "--top_k", "4", "--knots", "2"]
+    argv += ["--samples_per_shard", "300", f"assets_dir={tiny_assets.root}"]
+    assert kdtune_main([*argv, f"teacher_cache={folder}"]) == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["top_k"] == 4 and manifest["encoding"]["knot_ranks"] == [1, 4]
+    per_position = math.ceil(4 * 9 / 8) + 2 * 3  # 9-bit ids, 2 knots + the rest mass
+    assert manifest["encoding"]["bytes_per_position"] == per_position
+    assert f"({per_position} per position" in capsys.readouterr().out
