@@ -170,23 +170,33 @@ class WeightGradAccumulator:
 
     def __init__(self, weight: Tensor) -> None:
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        self.total = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        # Not zero-filled: the first chunk writes it (a zero fill is a weight-sized pass).
+        self.total = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        self._empty = True
         self._lowp_out_fp32 = _supports_fp32_out_dtype(weight)
 
     def add(self, grad_logits: Tensor, grad_logits_lowp: Tensor, hidden: Tensor) -> None:
         """``grad_logits`` fp32 ``[n, V]`` (and its input-dtype copy), ``hidden [n, D]``."""
-        if hidden.dtype == self.total.dtype:
-            self.total.addmm_(grad_logits.t(), hidden)
-        elif self._lowp_out_fp32:
+        if self._lowp_out_fp32 and hidden.dtype != self.total.dtype:
             grad_t = grad_logits_lowp.t()
             for start in range(0, self.total.shape[0], self.ROW_BLOCK):
                 block = slice(start, start + self.ROW_BLOCK)
-                self.total[block].add_(torch.mm(grad_t[block], hidden, out_dtype=torch.float32))
+                product = torch.mm(grad_t[block], hidden, out_dtype=torch.float32)
+                _ = (
+                    self.total[block].copy_(product)
+                    if self._empty
+                    else self.total[block].add_(product)
+                )
         else:
-            self.total.addmm_(grad_logits.t(), hidden.to(self.total.dtype))
+            hidden = hidden.to(self.total.dtype)
+            if self._empty:
+                torch.mm(grad_logits.t(), hidden, out=self.total)
+            else:
+                self.total.addmm_(grad_logits.t(), hidden)
+        self._empty = False
 
     def result(self, dtype: torch.dtype) -> Tensor:
-        return self.total.to(dtype)
+        return (self.total.zero_() if self._empty else self.total).to(dtype)
 
 
 class Projection:
