@@ -433,13 +433,7 @@ def cli_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
-    return BuildOptions(
-        top_k=args.top_k,
-        knots=args.knots,
-        value_dtype=args.value_dtype,
-        samples_per_shard=args.samples_per_shard,
-        batch_size=args.batch_size,
-    )
+    return BuildOptions(**cli_options(args))
 
 
 def main(argv: list[str] | None = None) -> int:
