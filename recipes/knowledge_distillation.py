@@ -41,6 +41,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from kdtune import __version__
+from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import checkpointing as ckpt
 from kdtune.training import parallel, process_group, state_dicts
 from kdtune.training.config_checks import (
@@ -132,6 +133,8 @@ class KDRecipe(FTRecipeInterface):
 
         self._tokenizer = config.instantiate(cfg.tokenizer)
         check_vocabularies(cfg, self._tokenizer)
+        # teacher_cache: its top-k rows replace the teacher (checked before models are built).
+        self._teacher_cache = teacher_cache.open_for_training(cfg)
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if runtime.is_main else None
         if self._metric_logger is not None:
@@ -223,7 +226,7 @@ class KDRecipe(FTRecipeInterface):
         return model
 
     def _setup_teacher(self, cfg: DictConfig) -> nn.Module | None:
-        if cfg.teacher_model is None:
+        if cfg.teacher_model is None or self._teacher_cache is not None:
             return None
         runtime = self._runtime
         teacher = build_model(cfg.teacher_model, runtime.dtype)
@@ -247,6 +250,7 @@ class KDRecipe(FTRecipeInterface):
         self._dataloader, self._val_dataloader = rank_loaders(
             cfg, self._tokenizer, self._ignore_index, self.seed, runtime.rank, runtime.world_size
         )
+        teacher_cache.check_num_samples(self._teacher_cache, self._dataloader.dataset)
         self._steps_per_epoch = steps_per_epoch(
             len(self._dataloader), cfg.batch_size, self._accumulation, cfg.max_steps_per_epoch
         )
@@ -301,10 +305,13 @@ class KDRecipe(FTRecipeInterface):
         for index, (batch, shifted) in enumerate(zip(batches, labels)):
             # FSDP2 reduce-scatters the gradients once, in the last micro-batch's backward.
             parallel.set_gradient_sync(self._student, index == len(batches) - 1)
+            teacher = teacher_cache.teacher_view(
+                self._teacher, self._teacher_cache, batch, shifted, self._ignore_index
+            )
             with self._offload_activations:
                 part = self._loss_step(
                     self._student,
-                    self._teacher,
+                    teacher,
                     batch["tokens"],
                     shifted,
                     num_tokens,

@@ -210,6 +210,7 @@ def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
     kd_ratio = cfg.get("kd_ratio")
     teacher, teacher_ckpt = cfg.get("teacher_model"), cfg.get("teacher_checkpointer")
     loss, kd_loss = cfg.get("loss"), cfg.get("kd_loss")
+    cached = cfg.get("teacher_cache") is not None  # stands in for the teacher
 
     if (teacher is None) != (teacher_ckpt is None):
         missing = "teacher_checkpointer" if teacher_ckpt is None else "teacher_model"
@@ -217,7 +218,7 @@ def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
             f"{missing} is null but the other teacher key is set: set both teacher_model and "
             "teacher_checkpointer, or both to null for CE-only training (kd_ratio: 0.0)"
         )
-    if teacher is None:
+    if teacher is None and not cached:
         if kd_ratio != 0:
             problems.error(
                 f"teacher_model is null but kd_ratio = {kd_ratio!r}: without a teacher only "
@@ -232,8 +233,8 @@ def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
             problems.error("teacher_quantization is set but teacher_model is null: set it to null")
     elif kd_loss is None:
         problems.error(
-            "kd_loss is null but a teacher is configured: set kd_loss to a loss from "
-            "kdtune.losses (e.g. kdtune.losses.ForwardKLWithChunkedOutputLoss)"
+            "kd_loss is null but a teacher (or teacher_cache) is configured: set kd_loss to a "
+            "loss from kdtune.losses (e.g. kdtune.losses.ForwardKLWithChunkedOutputLoss)"
         )
 
     try:
@@ -395,7 +396,7 @@ def checkpoint_files(node: DictConfig) -> list[str]:
 def _check_checkpoint_files(cfg: DictConfig, problems: _Problems) -> None:
     for key in ("checkpointer", "teacher_checkpointer"):
         node = cfg.get(key)
-        if node is None:
+        if node is None or (key == "teacher_checkpointer" and cfg.get("teacher_cache")):
             continue
         try:
             folder = Path(str(node.checkpoint_dir))

@@ -82,6 +82,11 @@ class RecipeConfig:
         None,
         choices=("int8_weight_only",),
     )
+    teacher_cache: str | None = key(
+        "null, or a folder built by `kdtune cache-teacher`: train from its top-k teacher "
+        "log-probs; no teacher is built or loaded (the teacher keys are unused)",
+        None,
+    )
     tokenizer: Component = key("tokenizer builder (_component_)")
     checkpointer: Component = key("student checkpointer (torchtune FullModelHFCheckpointer)")
     teacher_checkpointer: Component | None = key(

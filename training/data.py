@@ -116,21 +116,60 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
     return {key: batch[key] for key in ("mask", "input_pos") if key in batch}
 
 
+SAMPLE_INDEX = "sample_index"
+
+
+class IndexedDataset(Dataset):
+    """``dataset[i]`` plus ``"sample_index": i``: a sample's identity, whatever the shuffling,
+    the process count or the resume point (the teacher cache and on-policy steps use it)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], SAMPLE_INDEX: index}
+
+
+def collate_with_sample_index(
+    collate: Callable[[list[dict[str, Any]]], Batch],
+) -> Callable[[list[dict[str, Any]]], Batch]:
+    """Wrap a collate function: the batch gains ``"sample_index"``, an int64 ``[B]`` tensor,
+    when the samples carry one (:class:`IndexedDataset`); other samples collate as before."""
+
+    def collate_fn(samples: list[dict[str, Any]]) -> Batch:
+        batch = collate([{k: v for k, v in s.items() if k != SAMPLE_INDEX} for s in samples])
+        if samples and SAMPLE_INDEX in samples[0]:
+            indices = [s[SAMPLE_INDEX] for s in samples]
+            batch[SAMPLE_INDEX] = torch.tensor(indices, dtype=torch.int64)
+        return batch
+
+    return collate_fn
+
+
 def rank_loaders(
     cfg: DictConfig, tokenizer: Any, ignore_index: int, seed: int, rank: int, world_size: int
 ) -> tuple[StatefulDataLoader, StatefulDataLoader | None]:
     """This rank's training loader (``dataset``, ``batch_size``, ``shuffle``; incomplete last
-    batch dropped) and validation loader (``validation_dataset``, ``validation_batch_size`` or
+    batch dropped; each batch carries its samples' ``sample_index``) and validation loader (``validation_dataset``, ``validation_batch_size`` or
     ``batch_size``; in order, nothing dropped; None without a validation dataset)."""
     collate = sft_collate(tokenizer.pad_id, ignore_index)
 
-    def loader(node: DictConfig, batch_size: int, *, train: bool) -> StatefulDataLoader:
+    def loader(
+        node: DictConfig, batch_size: int, *, train: bool, indexed: bool = False
+    ) -> StatefulDataLoader:
         packed = isinstance(node, DictConfig) and bool(node.get("packed", False))
+        dataset = build_dataset(node, tokenizer)
+        # Packed rows are already max_seq_len long; the mask keeps documents apart.
+        collate_fn = padded_collate_packed if packed else collate
+        if indexed:
+            dataset, collate_fn = IndexedDataset(dataset), collate_with_sample_index(collate_fn)
         return build_dataloader(
-            build_dataset(node, tokenizer),
+            dataset,
             batch_size=batch_size,
-            # Packed rows are already max_seq_len long; the mask keeps documents apart.
-            collate_fn=padded_collate_packed if packed else collate,
+            collate_fn=collate_fn,
             shuffle=bool(cfg.shuffle) and train,
             seed=seed,
             rank=rank,
@@ -138,7 +177,7 @@ def rank_loaders(
             drop_last=train,
         )
 
-    train = loader(cfg.dataset, cfg.batch_size, train=True)
+    train = loader(cfg.dataset, cfg.batch_size, train=True, indexed=True)
     if cfg.validation_dataset is None:
         return train, None
     batch_size = cfg.validation_batch_size or cfg.batch_size

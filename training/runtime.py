@@ -425,9 +425,14 @@ def quantize_int8_weight_only(model: nn.Module) -> None:
 
 
 def compile_loss(loss: nn.Module | None) -> nn.Module | None:
-    """``torch.compile`` a loss module (the per-chunk work runs inside its forward)."""
+    """Compile a loss module. kdtune's losses compile their per-chunk math only (their own
+    ``compile`` method; the Python chunk loop stays eager); any other loss module (torchtune's)
+    is compiled whole with ``torch.compile``."""
     if loss is None:
         return None
+    if type(loss).compile is not nn.Module.compile:
+        loss.compile(backend=_compile_backend())
+        return loss
     return torch.compile(loss, backend=_compile_backend())
 
 
@@ -476,6 +481,8 @@ def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | No
     kd_ratio = float(cfg.kd_ratio)
     if is_fused_loss(cfg.kd_loss):
         fused_loss = config.instantiate(cfg.kd_loss)
+        if cfg.compile:
+            compile_loss(fused_loss)
         return LossSetup(
             FusedLossStep(fused_loss, kd_ratio),
             fused=True,
