@@ -79,6 +79,11 @@ BAD_VALUES = [
     (["kd_ratioo=0.3"], ["unknown key 'kd_ratioo'", "did you mean 'kd_ratio'"]),
     (["kd_loss.temprature=2.0"], ["kd_loss.temprature", "did you mean 'temperature'"]),
     (["optimizer.weight_decy=0.1"], ["optimizer.weight_decy", "did you mean 'weight_decay'"]),
+    # values only the component itself can judge: reported by building it before the models
+    (["optimizer.lr=fast"], ["optimizer: torch.optim.AdamW rejects its options"]),
+    (["optimizer.weight_decay=-1.0"], ["optimizer:", "weight_decay"]),
+    (["kd_loss.topk_mode=sparse"], ["kd_loss:", "topk_mode", "'sparse'"]),
+    (["lr_scheduler.num_warmup_steps=abc"], ["lr_scheduler:", "rejects its options"]),
     (["batch_size=0"], ["batch_size", "0", ">= 1"]),
     (["gradient_accumulation_steps=two"], ["gradient_accumulation_steps", "'two'"]),
     (["teacher_quantization=int4"], ["teacher_quantization", "int4", "int8_weight_only"]),

@@ -182,21 +182,79 @@ def _check_component_keys(path: str, node: DictConfig, problems: _Problems) -> C
     except Exception as error:  # import problems of any kind are reported, not raised
         problems.error(f"{path}._component_ = {node['_component_']!r} cannot be imported: {error}")
         return None
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return target
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return target  # takes **kwargs: any key may be meant for it
-    names = list(parameters)
+    names = accepted_options(target)
+    if names is None:
+        return target  # takes **kwargs that go nowhere we can see: any key may be meant for it
     for key in node:
         key = str(key)
-        if key != "_component_" and key not in parameters:
+        if key != "_component_" and key not in names:
             problems.error(
                 f"{path}.{key}: {node['_component_']} has no option '{key}'"
                 f"{_closest(key, names)}; its options are {names}"
             )
     return target
+
+
+def accepted_options(target: Callable) -> list[str] | None:
+    """The keyword options ``target`` accepts, or None when it takes ``**kwargs`` that cannot be
+    followed. A class whose ``__init__`` passes ``**kwargs`` up its bases (kdtune's losses) is
+    followed through its MRO until an ``__init__`` without ``**kwargs`` closes the list."""
+    signatures = []
+    if inspect.isclass(target):
+        signatures = [vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k)]
+    else:
+        signatures = [target]
+    names: list[str] = []
+    for function in signatures:
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            return None
+        names += [n for n, p in parameters.items() if p.kind not in _VARIADIC and n != "self"]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return list(dict.fromkeys(names))
+    return None
+
+
+_VARIADIC = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+
+
+def _check_by_building(cfg: DictConfig, problems: _Problems) -> None:
+    """Build the cheap components with their real options (the losses, and the optimizer and
+    scheduler on one stand-in parameter), so a value they reject (``optimizer.lr=fast``,
+    ``model.lora_rank=0`` aside) is reported here, naming the key, not at step 1."""
+    from torchtune import config
+
+    reported = " ".join(problems.errors)
+
+    def already_reported(key: str) -> bool:
+        return re.search(rf"(?<![\w.]){key}[.:]", reported) is not None
+
+    for key in ("loss", "kd_loss"):
+        node = cfg.get(key)
+        if node is None or already_reported(key):
+            continue
+        try:
+            config.instantiate(node)
+        except Exception as error:
+            problems.error(f"{key}: {node['_component_']} rejects its options: {error}")
+    optimizer_node = cfg.get("optimizer")
+    if optimizer_node is None or already_reported("optimizer"):
+        return
+    try:
+        optimizer = config.instantiate(optimizer_node, [nn.Parameter(torch.zeros(1))])
+    except Exception as error:
+        problems.error(f"optimizer: {optimizer_node['_component_']} rejects its options: {error}")
+        return
+    scheduler_node = cfg.get("lr_scheduler")
+    if scheduler_node is None or already_reported("lr_scheduler"):
+        return
+    try:
+        config.instantiate(scheduler_node, optimizer, num_training_steps=1)
+    except Exception as error:
+        problems.error(
+            f"lr_scheduler: {scheduler_node['_component_']} rejects its options: {error}"
+        )
 
 
 def _check_components(cfg: DictConfig, problems: _Problems) -> None:
@@ -469,6 +527,7 @@ def check_config(cfg: DictConfig) -> None:
     cfg = with_defaults(cfg)
     _check_loss_setup(cfg, problems)
     _check_kd_options(cfg, problems)
+    _check_by_building(cfg, problems)
     _check_student_checkpointer(cfg, problems)
     _check_activation_offloading(cfg, problems)
     _check_datasets(cfg, problems)
