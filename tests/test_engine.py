@@ -158,7 +158,7 @@ def test_default_fused_chunks_do_not_grow_with_the_sequence():
     weight = torch.randn(vocab, dim, generator=g, requires_grad=True)
     teacher_weight = torch.randn(vocab, dim, generator=g)
     budget_rows = rows_per_chunk(10**6, vocab, memory_mb=1)
-    for seq in (8 * budget_rows, 32 * budget_rows):
+    for seq in (8 * budget_rows, 32 * budget_rows):  # num_chunks=8 allows 32 and 128 rows
         hidden = torch.randn(1, seq, dim, generator=g, requires_grad=True)
         with _LogitRows(vocab) as mode:
             FusedLinearKDLoss(chunk_memory_mb=1)(
