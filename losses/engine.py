@@ -27,6 +27,7 @@ Contract (every entry point):
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -475,6 +476,18 @@ class EngineLoss(torch.nn.Module):
         self.topk_mode = topk_mode
         self._params = tuple(sorted(resolved.items()))
         self._objective: Callable[..., Any] = chunk_objective
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each loss class its full signature (``**options`` spelled out), so that config
+        checks and ``--help`` see every option and its default."""
+        super().__init_subclass__(**kwargs)
+        own = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if own and own[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            names = {p.name for p in own}
+            shared = inspect.signature(EngineLoss.__init__).parameters.values()
+            extra = [p for p in shared if p.kind is p.KEYWORD_ONLY and p.name not in names]
+            own = own[:-1] + extra
+        cls.__signature__ = inspect.Signature(own)
 
     def compile(self, backend: str = "inductor", **kwargs: Any) -> None:  # type: ignore[override]
         """Compile the per-chunk math (:func:`chunk_objective` on finite dense chunks) only."""
