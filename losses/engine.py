@@ -274,6 +274,7 @@ class EngineCall:
     divisor: Tensor | float
     objective: Callable[..., Any] = chunk_objective
     teacher_inputs: tuple[Tensor, ...] = field(default=())
+    finite_logits: bool = False  # the caller promises no -inf: skip the per-chunk check
 
     @property
     def inputs(self) -> tuple[Tensor | None, ...]:
@@ -311,7 +312,11 @@ class EngineCall:
         weight = keep.to(dtype) * self.divisor
         kd_weight = weight * (self.kd_ratio * self.kd_scale / self.math.temperature)
         ce_weight = weight * (1.0 - self.kd_ratio)
-        masked = isinstance(teacher, Tensor) and (_has_neg_inf(student) or _has_neg_inf(teacher))
+        masked = (
+            isinstance(teacher, Tensor)
+            and not self.finite_logits
+            and (_has_neg_inf(student) or _has_neg_inf(teacher))
+        )
         objective = (
             chunk_objective if masked or isinstance(teacher, TopKTeacher) else self.objective
         )
@@ -359,11 +364,26 @@ class _EngineFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        if bool(grad_loss == 1):  # the usual case: no gradient-sized copy
-            return (None, *saved)
-        # A 0-dim fp32 grad_loss does not promote a bf16 gradient: results keep their dtype.
-        return (None, *(None if grad is None else grad * grad_loss for grad in saved))
+        # Each gradient is scaled in place by the incoming scalar: no gradient-sized copy and
+        # no host read of grad_loss (to skip the usual factor 1). ``.data`` keeps autograd's
+        # version counter, so a second backward (retain_graph, gradcheck) can unpack the same
+        # buffer; it then rescales a copy by the ratio of the two incoming scalars. A 0-dim
+        # fp32 grad_loss keeps a bf16 gradient's dtype.
+        first = getattr(ctx, "first_backward", None)  # (grad_loss, buffers scaled by it)
+        out: list[Tensor | None] = []
+        for grad in ctx.saved_tensors:
+            if grad is None:
+                out.append(None)
+            elif first is not None and grad.data_ptr() in first[1]:
+                out.append(grad * (grad_loss / first[0]))
+            else:
+                out.append(grad.data.mul_(grad_loss))
+        if first is None:
+            ctx.first_backward = (
+                grad_loss.detach().clone(),
+                {g.data_ptr() for g in out if g is not None},
+            )
+        return (None, *out)
 
 
 def run_engine(call: EngineCall) -> KDOutput:
@@ -444,6 +464,10 @@ class EngineLoss(torch.nn.Module):
             its full softmax); ``"renormalize"`` (axolotl, DistillKit) renormalises the teacher
             over its k ids and the student's softmax over the same k ids (its logits gathered
             there; the other columns get no KD gradient).
+        finite_logits: ``False`` (default): each dense chunk is checked for a ``-inf`` (one
+            host read per chunk) and such a chunk follows the masked-vocabulary semantics above.
+            ``True``: the caller guarantees finite logits (a model's own output head, as in the
+            KD recipe, which sets it), so no chunk is read on the host.
 
     ``compile()`` compiles the per-chunk math only (not the chunk loop).
     """
@@ -459,6 +483,7 @@ class EngineLoss(torch.nn.Module):
         reduction: str = "mean",
         vocab_columns: int | None = None,
         topk_mode: str = "bucket",
+        finite_logits: bool = False,
     ) -> None:
         super().__init__()
         self.divergence_name = divergence
@@ -474,6 +499,7 @@ class EngineLoss(torch.nn.Module):
         self.reduction = reduction
         self.vocab_columns = vocab_columns
         self.topk_mode = topk_mode
+        self.finite_logits = finite_logits
         self._params = tuple(sorted(resolved.items()))
         self._objective: Callable[..., Any] = chunk_objective
 
@@ -535,6 +561,7 @@ class EngineLoss(torch.nn.Module):
             ),
             objective=self._objective,
             teacher_inputs=teacher_inputs,
+            finite_logits=self.finite_logits,
         )
         return run_engine(call)
 

@@ -106,14 +106,7 @@ def run_counting(config: str, tiny_assets, output_dir: Path, monkeypatch) -> dic
     [
         "tiny/full_chunked",
         "tiny/lora_chunked",
-        pytest.param(
-            "tiny/full_fused",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="losses/fused.py: _scaled reads bool(grad_output == 1) in every backward "
-                "(owned by the loss rewrite; this test passes once it is gone)",
-            ),
-        ),
+        "tiny/full_fused",
     ],
 )
 def test_no_host_sync_outside_logging_steps(config, tiny_assets, tmp_path, monkeypatch):

@@ -424,6 +424,15 @@ def quantize_int8_weight_only(model: nn.Module) -> None:
         quantize_(model, quant_config, filter_fn=in_layers)
 
 
+def _logits_are_finite(loss: nn.Module, node: DictConfig) -> nn.Module:
+    """The recipe's logits come from its models' output heads (finite), so kdtune's losses skip
+    their per-chunk ``-inf`` check (a host read per chunk) unless the config sets
+    ``finite_logits`` itself."""
+    if hasattr(loss, "finite_logits") and "finite_logits" not in node:
+        loss.finite_logits = True
+    return loss
+
+
 def compile_loss(loss: nn.Module | None) -> nn.Module | None:
     """Compile a loss module. kdtune's losses compile their per-chunk math only (their own
     ``compile`` method; the Python chunk loop stays eager); any other loss module (torchtune's)
@@ -480,7 +489,7 @@ def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | No
     path both models are set to return their logits in the losses' number of chunks."""
     kd_ratio = float(cfg.kd_ratio)
     if is_fused_loss(cfg.kd_loss):
-        fused_loss = config.instantiate(cfg.kd_loss)
+        fused_loss = _logits_are_finite(config.instantiate(cfg.kd_loss), cfg.kd_loss)
         if cfg.compile:
             compile_loss(fused_loss)
         return LossSetup(
@@ -489,8 +498,11 @@ def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | No
             ignore_index=fused_loss.ignore_index,
             num_chunks=fused_loss.num_chunks,
         )
-    ce_loss = _step_normalized(config.instantiate(cfg.loss))
-    kd_loss = _step_normalized(config.instantiate(cfg.kd_loss))
+    ce_loss = _step_normalized(_logits_are_finite(config.instantiate(cfg.loss), cfg.loss))
+    kd_loss = None
+    if cfg.kd_loss is not None:
+        kd_loss = _logits_are_finite(config.instantiate(cfg.kd_loss), cfg.kd_loss)
+    kd_loss = _step_normalized(kd_loss)
     student.set_num_output_chunks(ce_loss.num_output_chunks)
     if teacher is not None:
         teacher.set_num_output_chunks(ce_loss.num_output_chunks)
