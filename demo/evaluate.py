@@ -37,7 +37,6 @@ from kdtune.training.checkpointing import latest_checkpoint
 from kdtune.training.config_checks import describe_model
 from kdtune.training.generation import (
     SamplingOptions,
-    completion_batch,
     generate,
     prompt_tokens,
     row_seed,
@@ -223,19 +222,6 @@ def build_held_out_prompts(
     )
 
 
-@torch.no_grad()
-def answer_logprobs(model: nn.Module, prompts: list[list[int]], answers: list[list[int]]) -> Tensor:
-    """``log q(answer | prompt)`` per row, ``[B]`` fp64, by one teacher-forced forward."""
-    batch = completion_batch(prompts, answers, pad_id=0, ignore_index=CROSS_ENTROPY_IGNORE_IDX)
-    logits = model(batch["tokens"])
-    if isinstance(logits, list):
-        logits = torch.cat(logits, dim=1)
-    log_q = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    targets = batch["labels"][:, 1:]
-    picked = log_q.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(targets != CROSS_ENTROPY_IGNORE_IDX, picked, 0.0).sum(-1)
-
-
 def sample_metrics(model: nn.Module, task: ChainTask, held_out: HeldOutPrompts) -> dict:
     """The sample-based metrics of :mod:`kdtune.demo.metrics` for one model.
 
@@ -246,7 +232,7 @@ def sample_metrics(model: nn.Module, task: ChainTask, held_out: HeldOutPrompts) 
     for first in range(0, len(held_out.prompts), EVAL_BATCH_SIZE):
         rows = range(first, min(first + EVAL_BATCH_SIZE, len(held_out.prompts)))
         prompts = [held_out.prompts[i] for i in rows]
-        answers = generate(
+        sampled = generate(
             model,
             prompts,
             SAMPLE_OPTIONS,
@@ -255,12 +241,11 @@ def sample_metrics(model: nn.Module, task: ChainTask, held_out: HeldOutPrompts) 
             pad_id=held_out.pad_id,
             cache_dtype=torch.float32,
         )
-        model_logprobs = answer_logprobs(model, prompts, answers).tolist()
-        for i, answer, log_q in zip(rows, answers, model_logprobs):
+        for i, answer, logprobs in zip(rows, sampled.tokens, sampled.logprobs):
             true_logprobs, valid = true_token_logprobs(
                 task, held_out.words, held_out.starts[i], answer, held_out.vocab_size
             )
-            sums.add(log_q, true_logprobs, valid)
+            sums.add(sum(logprobs), true_logprobs, valid)
     return sums.means()
 
 

@@ -105,7 +105,13 @@ def test_batched_kv_cache_decoding_equals_per_prompt_reference(model, options):
     expected = [
         reference_generate(model, p, options, s, set(stop_ids)) for p, s in zip(PROMPTS, seeds)
     ]
-    assert got == expected
+    assert got.tokens == expected
+    # the log-probabilities are the model's raw (temperature 1) ones of the generated tokens
+    for prompt, tokens, logprobs in zip(PROMPTS, got.tokens, got.logprobs):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
+        picked = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(logprobs), picked, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_stop_at_their_stop_token_and_decoding_can_run_in_lockstep(model):
@@ -130,6 +136,7 @@ def test_rows_stop_at_their_stop_token_and_decoding_can_run_in_lockstep(model):
         cache_dtype=torch.float32, all_finished=never_done,
     )  # fmt: skip
     assert lockstep == alone
+    alone = alone.tokens
     assert len(steps) == options.max_new_tokens - 1  # every decode step ran
     for completion in alone:
         assert stop not in completion[:-1]

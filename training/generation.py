@@ -180,6 +180,20 @@ def local_rows_finished(finished: Tensor) -> bool:
     return bool(finished.all())
 
 
+@dataclass(frozen=True)
+class Completions:
+    """What :func:`generate` returns, one entry per prompt.
+
+    Attributes:
+        tokens: the generated ids, ending with a stop id unless cut at ``max_new_tokens``.
+        logprobs: the model's log-probability of each generated id at temperature 1 (its raw
+            distribution, before temperature / top-k / top-p), as fp32 values.
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -191,7 +205,7 @@ def generate(
     pad_id: int,
     cache_dtype: torch.dtype,
     all_finished: Callable[[Tensor], bool] = local_rows_finished,
-) -> list[list[int]]:
+) -> Completions:
     """Sample a completion for each prompt with a KV cache.
 
     Args:
@@ -209,8 +223,7 @@ def generate(
             across ranks, so they run the same number of decode steps.
 
     Returns:
-        ``B`` completions: the generated ids, ending with a stop id unless cut at
-        ``max_new_tokens``.
+        :class:`Completions` for the ``B`` prompts.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -231,6 +244,7 @@ def generate(
     stops = torch.tensor(list(stop_ids), device=device)
 
     completions = torch.full((batch, options.max_new_tokens), pad_id, device=device)
+    logprobs = torch.zeros(batch, options.max_new_tokens, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     with local_kv_cache(
         model, batch_size=batch, device=device, dtype=cache_dtype, decoder_max_seq_len=total
@@ -245,6 +259,7 @@ def generate(
             token = sample_next(logits, options, noise)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             completions[:, step] = token
+            logprobs[:, step] = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
             finished |= torch.isin(token, stops)
             if step + 1 == options.max_new_tokens or all_finished(finished):
                 break
@@ -255,13 +270,15 @@ def generate(
                 input_pos=positions[:, at : at + 1],
                 mask=masks[:, at : at + 1],
             )
-    return [_cut_at_stop(row, stops) for row in completions.tolist()[:batch]]
+    tokens = [_cut_at_stop(row, set(stop_ids)) for row in completions.tolist()]
+    values = [row[: len(kept)] for row, kept in zip(logprobs.tolist(), tokens)]
+    return Completions(tokens, values)
 
 
-def _cut_at_stop(row: list[int], stops: Tensor) -> list[int]:
-    stop_set = set(stops.tolist())
+def _cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
+    """``row`` up to and including its first stop id."""
     for i, token in enumerate(row):
-        if token in stop_set:
+        if token in stop_ids:
             return row[: i + 1]
     return row
 
