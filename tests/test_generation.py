@@ -194,3 +194,79 @@ def test_prompt_is_the_sample_prefix_before_the_answer(tiny_assets, tmp_path):
     empty = prompt_tokens(dataset, 1)
     assert dataset[1]["tokens"][: len(empty)] == empty
     assert empty[-1] == prompt[-1]  # ends with the assistant header, no end-of-turn
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe's on-policy block and rollout (kdtune.training.on_policy)
+
+
+def test_on_policy_settings_are_checked_with_the_key_named():
+    from kdtune.training.on_policy import on_policy_settings
+
+    assert on_policy_settings(None) is None
+    assert on_policy_settings({"fraction": 0.0, "max_new_tokens": 4}) is None
+    settings = on_policy_settings({"fraction": 0.5, "max_new_tokens": 4, "top_p": 0.9})
+    assert settings.fraction == 0.5 and settings.source == "student"
+    assert settings.sampling.top_p == 0.9
+    bad = [
+        ({"fraction": 1.5, "max_new_tokens": 4}, r"on_policy\.fraction"),
+        ({"fraction": "all", "max_new_tokens": 4}, r"on_policy\.fraction"),
+        ({"fraction": 1.0}, r"on_policy\.max_new_tokens is required"),
+        ({"fraction": 1.0, "max_new_tokens": 2.5}, r"on_policy\.max_new_tokens"),
+        ({"fraction": 1.0, "max_new_tokens": 4, "source": "oracle"}, r"on_policy\.source"),
+        ({"fraction": 1.0, "max_new_tokens": 4, "topk": 3}, r"unknown key\(s\) \['topk'\]"),
+    ]
+    for node, message in bad:
+        with pytest.raises(ValueError, match=message):
+            on_policy_settings(node)
+
+
+def test_rollout_replaces_answers_by_samples_and_checks_prompt_only_data(tiny_assets, tmp_path):
+    import json
+
+    from kdtune.training.on_policy import Rollout, check_answers, on_policy_settings
+
+    records = [
+        {"instruction": "Name a colour.", "output": "Blue."},
+        {"instruction": "Name a tree.", "output": ""},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    tokenizer = llama3_tokenizer(
+        str(tiny_assets.tokenizer_path), special_tokens_path=str(tiny_assets.special_tokens_path)
+    )
+    dataset = instruct_dataset(
+        tokenizer, source="json", data_files=str(data), split="train",
+        column_map={"input": "instruction", "output": "output"}, train_on_input=False,
+    )  # fmt: skip
+    mixed = on_policy_settings({"fraction": 0.5, "max_new_tokens": 5})
+    with pytest.raises(ValueError, match=r"1 record\(s\) without an answer \(first: \[1\]\)"):
+        check_answers(dataset, mixed)
+    only = on_policy_settings({"fraction": 1.0, "max_new_tokens": 5})
+    check_answers(dataset, only)  # prompt-only records are fine when every step is on-policy
+
+    torch.manual_seed(0)
+    student = llama3(
+        vocab_size=tiny_assets.vocab_size, num_layers=1, num_heads=2, num_kv_heads=1,
+        embed_dim=16, max_seq_len=128,
+    ).train()  # fmt: skip
+    rollout = Rollout(
+        only, dataset, tokenizer, seed=3, ignore_index=-100, cache_dtype=torch.float32
+    )
+    batch = {"tokens": torch.zeros(2, 1, dtype=torch.long), "sample_index": torch.tensor([1, 0])}
+    (rolled,), stats = rollout(student, [batch], step=7)
+    assert student.training  # restored after sampling in eval mode
+    for row, index in enumerate((1, 0)):
+        prompt = prompt_tokens(dataset, index)
+        tokens, labels = rolled["tokens"][row], rolled["labels"][row]
+        assert tokens[: len(prompt)].tolist() == prompt
+        generated = (labels != -100).nonzero().flatten()
+        assert generated.tolist() == list(range(len(prompt), len(prompt) + len(generated)))
+        assert 1 <= len(generated) <= 5
+        assert torch.equal(labels[generated], tokens[generated])
+    assert stats["generated_rows"] == 2
+    assert stats["generated_tokens"] == (rolled["labels"] != -100).sum().item()
+    # the same step and samples give the same sequences in any batch order (resume, ranks)
+    (again,), _ = rollout(student, [{"sample_index": torch.tensor([0])}], step=7)
+    width = again["tokens"].shape[1]
+    assert torch.equal(again["tokens"][0], rolled["tokens"][1, :width])

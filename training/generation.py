@@ -234,6 +234,13 @@ def generate(
     prompt = _left_padded(prompts, pad_id, device)  # [B, P]
     width = prompt.shape[1]
     total = width + options.max_new_tokens
+    limit = getattr(model, "max_seq_len", None)
+    if limit is not None and total > limit:
+        raise ValueError(
+            f"a prompt of {width} tokens plus on_policy.max_new_tokens="
+            f"{options.max_new_tokens} exceeds the model's max_seq_len {limit}: lower "
+            "max_new_tokens or the tokenizer's max_seq_len"
+        )
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     # Real tokens are the last len(p) of each row; the mask and positions ignore the padding.
     is_token = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]
