@@ -39,9 +39,11 @@ from kdtune.training.generation import (
     completion_batch,
     generate,
     has_answer,
+    is_on_policy_step,
     prompt_tokens,
     row_seed,
 )
+from kdtune.training.process_group import all_reduce_sum
 
 SAMPLE_INDEX = "sample_index"
 SOURCES = ("student", "teacher")
@@ -169,6 +171,33 @@ class Rollout:
             self._prompts[sample_index] = prompt_tokens(self._dataset, sample_index)
         return self._prompts[sample_index]
 
+    def step(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        micro_batches: list[dict[str, Tensor]],
+        step: int,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+        """Optimizer step ``step`` (0-based): its micro-batches, sampled by the configured
+        source when the step is on-policy (else unchanged), and the generation record fields
+        (empty off-policy): ``generated_tokens`` (all ranks), ``mean_generated_length``,
+        ``generation_seconds``, ``generation_tokens_per_second``."""
+        if not is_on_policy_step(step, self.settings.fraction):
+            return micro_batches, {}
+        source = student if self.settings.source == "student" else teacher
+        if source is None:
+            raise ValueError("on_policy.source = teacher needs a teacher_model")
+        rolled, local = self(source, micro_batches, step)
+        counts = all_reduce_sum(torch.tensor([local["generated_tokens"], local["generated_rows"]]))
+        tokens, rows = counts.tolist()
+        seconds = local["generation_seconds"]
+        return rolled, {
+            "generated_tokens": tokens,
+            "mean_generated_length": tokens / max(rows, 1.0),
+            "generation_seconds": seconds,
+            "generation_tokens_per_second": tokens / max(seconds, 1e-9),
+        }
+
     def __call__(
         self, model: nn.Module, micro_batches: list[dict[str, Tensor]], step: int
     ) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
@@ -219,3 +248,18 @@ class Rollout:
             "generation_seconds": time.perf_counter() - started,
         }
         return rolled, stats
+
+
+def on_policy_rollout(
+    cfg: DictConfig, dataset: Any, tokenizer: Any, seed: int, ignore_index: int
+) -> Rollout | None:
+    """The recipe's :class:`Rollout` for ``cfg.on_policy`` (None when off-policy only), after
+    checking that off-policy steps, if any, find an answer in every record."""
+    settings = on_policy_settings(cfg.get("on_policy"))
+    if settings is None:
+        return None
+    check_answers(dataset, settings)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    return Rollout(
+        settings, dataset, tokenizer, seed=seed, ignore_index=ignore_index, cache_dtype=dtype
+    )
