@@ -125,7 +125,7 @@ def test_recipe_trains_on_a_packed_dataset(tiny_assets, tmp_path):
     recipe = KDRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     batch = next(iter(recipe._dataloader))
-    assert set(batch) == {"tokens", "labels", "input_pos", "mask"}
+    assert set(batch) == {"tokens", "labels", "input_pos", "mask", "sample_index"}
     recipe.train()
     recipe.cleanup()
     records = read_metrics(tmp_path / "out", kind="train")
