@@ -47,6 +47,8 @@ EVAL_BATCH_SIZE = 100
 SAMPLE_OPTIONS = SamplingOptions(max_new_tokens=32, temperature=1.0)
 """How the sample-based metrics sample: temperature 1 (the model's own distribution)."""
 SAMPLE_SEED = 0
+SAMPLE_PROMPTS = 500
+"""The sample-based metrics use the first 500 held-out prompts (one answer each)."""
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -214,8 +216,9 @@ def build_held_out_prompts(
 ) -> HeldOutPrompts:
     """Prompts tokenised as the recipe's on-policy steps tokenise them."""
     dataset = config.instantiate(dataset_node, tokenizer)
-    prompts = [prompt_tokens(dataset, i) for i in range(len(records))]
-    starts = [parse_record(task, record)[0] for record in records]
+    count = min(len(records), SAMPLE_PROMPTS)
+    prompts = [prompt_tokens(dataset, i) for i in range(count)]
+    starts = [parse_record(task, record)[0] for record in records[:count]]
     words = WordTokens.from_tokenizer(task, tokenizer)
     return HeldOutPrompts(
         prompts, starts, words, list(tokenizer.stop_tokens), tokenizer.pad_id, vocab_size
