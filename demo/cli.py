@@ -2,7 +2,7 @@
 
 ::
 
-    kdtune demo [--out DIR] [--seeds 0 1 2] [--quick] [--setup-only] [--no-cached] [--threads N]
+    kdtune demo [--out DIR] [--seeds 0 1 2] [--quick] [--setup-only] [--no-cached] [--on-policy] [--threads N]
                 [key=value ...]
     kdtune eval --config CONFIG --checkpoint NAME=DIR [...] [--teacher DIR | --no-teacher]
                 [--seeds 0 1 2] [--task task.json] [--json PATH] [key=value ...]
@@ -82,6 +82,11 @@ def demo_parser() -> argparse.ArgumentParser:
         "--setup-only", action="store_true", help="write the demo folder and stop (no training)"
     )
     parser.add_argument(
+        "--on-policy",
+        action="store_true",
+        help="add on-policy KD (lambda 1, reverse KL) and mixed KD (lambda 0.5, forward KL)",
+    )
+    parser.add_argument(
         "--no-cached",
         action="store_true",
         help="leave out the three runs of KD from the cached top-k teacher (k = 2, 4, 8)",
@@ -112,6 +117,7 @@ def demo_main(argv: list[str]) -> int:
         extra=overrides,
         setup_only=args.setup_only,
         cached=not args.no_cached,
+        on_policy=args.on_policy,
     )
     return 0
 

@@ -10,7 +10,10 @@ Metrics are defined in :mod:`kdtune.demo.metrics`.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +25,30 @@ from torchtune import config
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.models.convert_weights import hf_to_tune
 
-from kdtune.demo.metrics import MetricSums, true_next_token_probs
+from kdtune.demo.metrics import (
+    MetricSums,
+    SampleSums,
+    true_next_token_probs,
+    true_token_logprobs,
+)
 from kdtune.demo.task import ChainTask, parse_record
 from kdtune.demo.tokenizer import WordTokens
 from kdtune.training.checkpointing import latest_checkpoint
 from kdtune.training.config_checks import describe_model
+from kdtune.training.generation import (
+    SamplingOptions,
+    generate,
+    prompt_tokens,
+    row_seed,
+)
 from kdtune.training.runtime import load_student_weights
 
 EVAL_BATCH_SIZE = 100
+SAMPLE_OPTIONS = SamplingOptions(max_new_tokens=32, temperature=1.0)
+"""How the sample-based metrics sample: temperature 1 (the model's own distribution)."""
+SAMPLE_SEED = 0
+SAMPLE_PROMPTS = 500
+"""The sample-based metrics use the first 500 held-out prompts (one answer each)."""
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -180,6 +199,87 @@ def score(logits: list[Tensor], held_out: HeldOut, teacher: list[Tensor] | None)
     return sums.means()
 
 
+@dataclass(frozen=True)
+class HeldOutPrompts:
+    """The held-out records' prompts (token ids, answer removed) and start words."""
+
+    prompts: list[list[int]]
+    starts: list[int]
+    words: WordTokens
+    stop_ids: list[int]
+    pad_id: int
+    vocab_size: int
+
+
+def build_held_out_prompts(
+    task: ChainTask, tokenizer, dataset_node: DictConfig, records: list[dict], vocab_size: int
+) -> HeldOutPrompts:
+    """Prompts tokenised as the recipe's on-policy steps tokenise them."""
+    dataset = config.instantiate(dataset_node, tokenizer)
+    count = min(len(records), SAMPLE_PROMPTS)
+    prompts = [prompt_tokens(dataset, i) for i in range(count)]
+    starts = [parse_record(task, record)[0] for record in records[:count]]
+    words = WordTokens.from_tokenizer(task, tokenizer)
+    return HeldOutPrompts(
+        prompts, starts, words, list(tokenizer.stop_tokens), tokenizer.pad_id, vocab_size
+    )
+
+
+def sample_metrics(model: nn.Module, task: ChainTask, held_out: HeldOutPrompts) -> dict:
+    """The sample-based metrics of :mod:`kdtune.demo.metrics` for one model.
+
+    One answer per held-out prompt, sampled at temperature 1 with the same per-prompt seeds for
+    every model (:func:`kdtune.training.generation.row_seed`).
+    """
+    sums = SampleSums()
+    for first in range(0, len(held_out.prompts), EVAL_BATCH_SIZE):
+        rows = range(first, min(first + EVAL_BATCH_SIZE, len(held_out.prompts)))
+        prompts = [held_out.prompts[i] for i in rows]
+        sampled = generate(
+            model,
+            prompts,
+            SAMPLE_OPTIONS,
+            seeds=[row_seed(SAMPLE_SEED, 0, i) for i in rows],
+            stop_ids=held_out.stop_ids,
+            pad_id=held_out.pad_id,
+            cache_dtype=torch.float32,
+        )
+        for i, answer, logprobs in zip(rows, sampled.tokens, sampled.logprobs):
+            true_logprobs, valid = true_token_logprobs(
+                task, held_out.words, held_out.starts[i], answer, held_out.vocab_size
+            )
+            sums.add(sum(logprobs), true_logprobs, valid)
+    return sums.means()
+
+
+def truth_sample_metrics(task: ChainTask, held_out: HeldOutPrompts) -> dict:
+    """The sample-based metrics of the true chain itself (its answers drawn by the task)."""
+    rng = random.Random(SAMPLE_SEED)
+    sums = SampleSums()
+    for start in held_out.starts:
+        output = [_draw_from(rng, task.first_step_probs(start))]
+        while (step := _draw_from(rng, task.next_step_probs(output[-1]))) < task.num_words:
+            output.append(step)
+        answer = held_out.words.answer_ids(output)
+        true_logprobs, valid = true_token_logprobs(
+            task, held_out.words, start, answer, held_out.vocab_size
+        )
+        exact = sum(math.log(p) for p in _true_step_probs(task, start, output))
+        sums.add(exact, true_logprobs, valid)
+    return sums.means()
+
+
+def _draw_from(rng: random.Random, probs: list[float]) -> int:
+    return rng.choices(range(len(probs)), weights=probs)[0]
+
+
+def _true_step_probs(task: ChainTask, start: int, output: list[int]) -> list[float]:
+    """Unsmoothed true probability of each step of a chain answer, the end included."""
+    probs = [task.first_step_probs(start)[output[0]]]
+    probs += [task.next_step_probs(a)[b] for a, b in itertools.pairwise(output)]
+    return [*probs, task.next_step_probs(output[-1])[task.num_words]]
+
+
 def truth_metrics(held_out: HeldOut) -> dict:
     """The scores of the true distribution itself: the floor every model is measured against."""
     logits = [p.log() for p in held_out.true_probs]
@@ -219,17 +319,22 @@ def evaluate_checkpoints(
     tokenizer = config.instantiate(cfg.tokenizer)
     vocab_size = describe_model(cfg.model).vocab_size  # built on the meta device
     held_out = build_held_out(task, tokenizer, cfg.validation_dataset, records, vocab_size)
+    prompts = build_held_out_prompts(task, tokenizer, cfg.validation_dataset, records, vocab_size)
 
     teacher_logits = None
+    teacher_samples: dict = {}
     rows: dict[str, dict] = {}
     if teacher is not None:
         if cfg.teacher_model is None:
             raise ValueError("teacher_model is null in the config: cannot build the teacher")
-        teacher_logits = task_logits(load_model(cfg.teacher_model, teacher), held_out)
+        teacher_net = load_model(cfg.teacher_model, teacher)
+        teacher_logits = task_logits(teacher_net, held_out)
+        teacher_samples = sample_metrics(teacher_net, task, prompts)
     for name, checkpoint in students.items():
-        logits = task_logits(load_model(cfg.model, checkpoint), held_out)
-        rows[name] = score(logits, held_out, teacher_logits)
+        student = load_model(cfg.model, checkpoint)
+        rows[name] = score(task_logits(student, held_out), held_out, teacher_logits)
+        rows[name].update(sample_metrics(student, task, prompts))
     if teacher_logits is not None:
-        rows["teacher"] = score(teacher_logits, held_out, teacher_logits)
-    rows["truth"] = truth_metrics(held_out)
+        rows["teacher"] = score(teacher_logits, held_out, teacher_logits) | teacher_samples
+    rows["truth"] = truth_metrics(held_out) | truth_sample_metrics(task, prompts)
     return rows

@@ -106,3 +106,87 @@ def truth_entropy(true_probs: Tensor) -> Tensor:
     """Entropy per row of ``[N, V]`` distributions, ``[N]``: the floor of the expected CE."""
     log_p = true_probs.double().log()
     return -torch.where(true_probs > 0, true_probs * log_p, torch.zeros_like(log_p)).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample-based metrics: how good the model's *own* answers are under the true chain.
+#
+# Teacher-forced metrics above score the model on the data's prefixes. At inference the model
+# conditions on its own prefixes; on-policy distillation trains for exactly that. For each
+# held-out prompt one answer is sampled from the model at temperature 1, then:
+#
+# - ``sample_true_ll``: the true log-likelihood per token of the model's own answers (the end
+#   token included), i.e. ``sum_t log p_true(y_t | x, y_<t) / number of tokens``; higher is
+#   better, and the truth's own samples score minus its entropy rate.
+# - ``sample_reverse_kl``: the sequence-level reverse KL to the truth, estimated from the same
+#   samples: mean over answers of ``log q(y | x) - log p_true(y | x)``; lower is better.
+#
+# A token the truth can never produce (not a successor of the previous word, a non-word token,
+# anything after such a token) has true probability 0, which would make both numbers infinite for
+# every model that ever makes a mistake. The truth is therefore smoothed:
+# ``p_eps = (1 - eps) * p_true + eps / V`` with ``eps = SMOOTHING`` (an impossible token costs
+# ``log(eps / V)``, about -12.9 nats at V = 384). ``sample_valid`` reports the share of answers
+# the unsmoothed truth could have produced (ending with the end token within the length cap).
+
+SMOOTHING = 1e-3
+SAMPLE_METRIC_NAMES: tuple[str, ...] = ("sample_true_ll", "sample_reverse_kl", "sample_valid")
+
+
+def true_token_logprobs(
+    task: ChainTask, tokens: WordTokens, start: int, answer: list[int], vocab_size: int
+) -> tuple[list[float], bool]:
+    """Smoothed true log-probabilities of the tokens of one sampled ``answer`` (token ids).
+
+    Returns ``(log-probs up to and including the first end token, valid)``, ``valid`` when the
+    unsmoothed truth gives every token a positive probability and the answer ends.
+    """
+    first = dict(zip(tokens.first, range(task.num_words)))
+    later = dict(zip(tokens.later, range(task.num_words)))
+    floor = SMOOTHING / vocab_size
+    out: list[float] = []
+    valid = False
+    word: int | None = start
+    for position, token in enumerate(answer):
+        p = 0.0
+        if word is not None:
+            if position == 0:
+                probs = task.first_step_probs(start)
+                nxt = first.get(token)
+            else:
+                probs = task.next_step_probs(word)
+                nxt = task.num_words if token == tokens.end else later.get(token)
+            p = probs[nxt] if nxt is not None else 0.0
+            word = nxt if nxt is not None and nxt < task.num_words and p > 0 else None
+        out.append(math.log((1.0 - SMOOTHING) * p + floor))
+        if token == tokens.end:
+            valid = p > 0 and all(x > math.log(floor) for x in out)
+            break
+    return out, valid
+
+
+@dataclass
+class SampleSums:
+    """Running sums over sampled answers; :meth:`means` gives the sample-based metrics."""
+
+    answers: int = 0
+    tokens: int = 0
+    true_ll: float = 0.0
+    reverse_kl: float = 0.0
+    valid: int = 0
+
+    def add(self, model_logprob: float, true_logprobs: list[float], valid: bool) -> None:
+        """One answer: the model's log q(y|x), the smoothed true log-probs of its tokens."""
+        self.answers += 1
+        self.tokens += len(true_logprobs)
+        self.true_ll += sum(true_logprobs)
+        self.reverse_kl += model_logprob - sum(true_logprobs)
+        self.valid += int(valid)
+
+    def means(self) -> dict[str, float]:
+        if self.answers == 0:
+            raise ValueError("no answers were sampled (empty held-out set?)")
+        return {
+            "sample_true_ll": self.true_ll / self.tokens,
+            "sample_reverse_kl": self.reverse_kl / self.answers,
+            "sample_valid": self.valid / self.answers,
+        }

@@ -65,6 +65,31 @@ KD_VARIANTS: tuple[Variant, ...] = (
     ),
 )
 
+# On-policy distillation (kdtune.training.on_policy): the student samples the answers of its
+# steps' prompts and the teacher grades every sampled token; the dataset answers are unused on
+# those steps. Same steps, data order (prompts) and optimizer as the off-policy rows.
+ON_POLICY_MAX_NEW_TOKENS = 16
+ON_POLICY_VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "kd_on_policy_rkl",
+        "student, on-policy KD reverse KL (lambda 1)",
+        KD_CONFIG,
+        (
+            f"kd_loss._component_={_LOSSES}.ReverseKLWithChunkedOutputLoss",
+            f"on_policy={{fraction: 1.0, max_new_tokens: {ON_POLICY_MAX_NEW_TOKENS}}}",
+        ),
+    ),
+    Variant(
+        "kd_mixed_fkl",
+        "student, mixed KD forward KL (lambda 0.5)",
+        KD_CONFIG,
+        (
+            f"kd_loss._component_={_LOSSES}.ForwardKLWithChunkedOutputLoss",
+            f"on_policy={{fraction: 0.5, max_new_tokens: {ON_POLICY_MAX_NEW_TOKENS}}}",
+        ),
+    ),
+)
+
 CACHED_TOP_K = (2, 4, 8)
 CACHE_FOLDER = "teacher_cache"
 
@@ -83,18 +108,36 @@ CACHED_VARIANTS: tuple[Variant, ...] = tuple(cached_variant(k) for k in CACHED_T
 
 LABELS: dict[str, str] = {
     "before": "student, before training",
-    **{v.name: v.label for v in (CE_ONLY, KD_FORWARD, *CACHED_VARIANTS, *KD_VARIANTS)},
+    **{
+        v.name: v.label
+        for v in (CE_ONLY, KD_FORWARD, *CACHED_VARIANTS, *KD_VARIANTS, *ON_POLICY_VARIANTS)
+    },
     "teacher": "teacher (shipped)",
     "truth": "true distribution (floor)",
 }
 
 
-def variants(quick: bool, cached: bool = True) -> list[Variant]:
+def variants(quick: bool, cached: bool = True, on_policy: bool = False) -> list[Variant]:
     """CE-only and forward-KL KD always; unless ``quick``, KD from the cached top-k (if
-    ``cached``) and the other divergences."""
+    ``cached``) and the other divergences; the on-policy rows if ``on_policy``."""
+    extra = list(ON_POLICY_VARIANTS) if on_policy else []
     if quick:
-        return [CE_ONLY, KD_FORWARD]
-    return [CE_ONLY, KD_FORWARD, *(CACHED_VARIANTS if cached else ()), *KD_VARIANTS]
+        return [CE_ONLY, KD_FORWARD, *extra]
+    return [CE_ONLY, KD_FORWARD, *(CACHED_VARIANTS if cached else ()), *KD_VARIANTS, *extra]
+
+
+def on_policy_vs_off_policy(per_seed: list[dict[str, dict]]) -> dict[str, int]:
+    """Per on-policy row: in how many seeds it beats off-policy forward-KL KD on both
+    sample-based metrics (higher true LL per token, lower sequence reverse KL)."""
+    return {
+        v.name: sum(
+            rows[v.name]["sample_true_ll"] > rows[KD_FORWARD.name]["sample_true_ll"]
+            and rows[v.name]["sample_reverse_kl"] < rows[KD_FORWARD.name]["sample_reverse_kl"]
+            for rows in per_seed
+        )
+        for v in ON_POLICY_VARIANTS
+        if v.name in per_seed[0]
+    }
 
 
 def build_teacher_caches(ws: Workspace, plan: list[Variant], extra: list[str]) -> None:
@@ -167,6 +210,7 @@ def run_demo(
     extra: list[str],
     setup_only: bool,
     cached: bool = True,
+    on_policy: bool = False,
 ) -> dict:
     """Set up, train and evaluate; print progress and the table; write results.{json,md}."""
     started = time.perf_counter()
@@ -181,7 +225,7 @@ def run_demo(
     )
     if setup_only:
         return {}
-    plan = variants(quick, cached)
+    plan = variants(quick, cached, on_policy)
     build_teacher_caches(ws, plan, extra)
     per_seed: list[dict[str, dict]] = []
     timings: dict[str, float] = {}
@@ -228,6 +272,12 @@ def run_demo(
             f"\nKD from the cached top-{k}: held-out true KL / online KD's = {listed} "
             f"(within 5% in {within}/{len(values)} seed(s))."
         )
+    beats = on_policy_vs_off_policy(per_seed)
+    for name, count in beats.items():
+        verdict += (
+            f"\n{LABELS[name]} beats off-policy KD forward KL on both sample-based metrics in "
+            f"{count}/{len(seeds)} seed(s)."
+        )
     _say(f"\n{title}\n\n{table}\n\n{verdict}")
     _say(f"Done in {elapsed:.0f} s. Per-seed tables: {ws.root / 'results.md'}")
     per_seed_text = "".join(
@@ -242,6 +292,7 @@ def run_demo(
         "per_seed": per_seed,
         "kd_forward_beats_ce_seeds": kd_wins,
         "cached_true_kl_over_online": ratios,
+        "on_policy_beats_off_policy_seeds": beats,
         "seconds": elapsed,
         "train_seconds": timings,
     }

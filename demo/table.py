@@ -12,6 +12,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("teacher_kl", "KL to teacher ↓"),
     ("true_kl", "true KL ↓"),
     ("top1", "top-1 acc ↑"),
+    ("sample_true_ll", "own samples: true LL/token ↑"),
+    ("sample_reverse_kl", "own samples: seq. reverse KL ↓"),
 )
 
 Rows = dict[str, dict[str, float]]

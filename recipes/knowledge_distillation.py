@@ -68,6 +68,7 @@ from kdtune.training.metrics import (
     parameter_memory_record,
     peak_memory_gib,
 )
+from kdtune.training.on_policy import on_policy_rollout
 from kdtune.training.runtime import (
     Runtime,
     build_loss_step,
@@ -251,6 +252,9 @@ class KDRecipe(FTRecipeInterface):
             cfg, self._tokenizer, self._ignore_index, self.seed, runtime.rank, runtime.world_size
         )
         teacher_cache.check_num_samples(self._teacher_cache, self._dataloader.dataset)
+        self._rollout = on_policy_rollout(
+            cfg, self._dataloader.dataset, self._tokenizer, self.seed, self._ignore_index
+        )
         self._steps_per_epoch = steps_per_epoch(
             len(self._dataloader), cfg.batch_size, self._accumulation, cfg.max_steps_per_epoch
         )
@@ -384,6 +388,11 @@ class KDRecipe(FTRecipeInterface):
     def _train_step(self, micro_batches: list[dict[str, Tensor]], progress: tqdm) -> None:
         """One optimizer step; its record waits, on the device, for the next logging step."""
         started = time.perf_counter()
+        generation: dict[str, float] = {}
+        if self._rollout is not None:  # on-policy steps: the sequences are sampled first
+            micro_batches, generation = self._rollout.step(
+                self._student, self._teacher, micro_batches, self.global_step
+            )
         losses = self._accumulate(micro_batches)
         lr = self._optimizer.param_groups[0]["lr"]
         grad_norm = self._optimizer_step()
@@ -398,6 +407,7 @@ class KDRecipe(FTRecipeInterface):
                 peak_memory_gib=peak_memory_gib(self._runtime.device),
                 losses=losses,
                 grad_norm=grad_norm,
+                extra=generation,
             )
         )
 

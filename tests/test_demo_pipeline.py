@@ -184,3 +184,44 @@ def test_overrides_may_follow_seeds_and_option_values_may_hold_equals():
     assert args.seeds == [0, 1]
     assert str(args.json) == "o=p"
     assert overrides == ["assets_dir=x"]
+
+
+def test_sample_based_metrics_rank_truth_teacher_and_untrained_student(demo_ws):
+    cfg = demo_config(KD_CONFIG, _overrides(demo_ws))
+    rows = evaluate_checkpoints(
+        cfg, {"before": demo_ws.student_init_dir(0)}, teacher=demo_ws.teacher_dir
+    )
+    truth, teacher, before = rows["truth"], rows["teacher"], rows["before"]
+    # The truth's own answers are all valid; its reverse KL to itself is only the smoothing.
+    assert truth["sample_valid"] == 1.0
+    assert 0.0 < truth["sample_reverse_kl"] < 0.01
+    assert teacher["sample_valid"] > 0.8 > 0.05 > before["sample_valid"]
+    assert truth["sample_true_ll"] > teacher["sample_true_ll"] > before["sample_true_ll"] + 5
+    assert teacher["sample_reverse_kl"] < before["sample_reverse_kl"] / 5
+
+
+def test_true_token_logprobs_of_a_hand_built_chain():
+    import math
+
+    from kdtune.demo.metrics import SMOOTHING, true_token_logprobs
+    from kdtune.demo.task import ChainTask
+    from kdtune.demo.tokenizer import WordTokens
+
+    # word 0 -> word 1 (0.6) or word 0 (0.2) or end (0.2); word 1 -> word 0 (0.5) or end (0.5)
+    task = ChainTask(seed=0, words=("a", "b"), transitions=((0.2, 0.6, 0.2), (0.5, 0.0, 0.5)))
+    words = WordTokens(first=(10, 11), later=(20, 21), end=99)
+    v = 100
+
+    def smooth(p):
+        return math.log((1 - SMOOTHING) * p + SMOOTHING / v)
+
+    # start a: first word b (0.6 / 0.8), then a (0.5), then end (0.2)
+    logprobs, valid = true_token_logprobs(task, words, 0, [11, 20, 99], v)
+    assert valid
+    assert logprobs == pytest.approx([smooth(0.75), smooth(0.5), smooth(0.2)])
+    # b cannot follow b; everything after the mistake is impossible too
+    logprobs, valid = true_token_logprobs(task, words, 0, [11, 21, 20, 99, 5], v)
+    assert not valid
+    assert logprobs == pytest.approx([smooth(0.75), smooth(0), smooth(0), smooth(0)])
+    # an answer cut before its end token is not valid
+    assert not true_token_logprobs(task, words, 0, [11, 20], v)[1]

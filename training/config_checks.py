@@ -257,6 +257,36 @@ def _check_by_building(cfg: DictConfig, problems: _Problems) -> None:
         )
 
 
+def _check_on_policy(cfg: DictConfig, problems: _Problems) -> None:
+    """The ``on_policy`` block's own keys, and what it cannot be combined with."""
+    from kdtune.training.on_policy import on_policy_settings
+
+    try:
+        settings = on_policy_settings(cfg.get("on_policy"))
+    except ValueError as error:
+        problems.error(str(error))
+        return
+    if settings is None:
+        return
+    if cfg.get("teacher_cache") is not None:
+        problems.error(
+            "on_policy.fraction > 0 with teacher_cache: the cache holds the teacher's view of the "
+            "dataset's answers only, not of sampled sequences; set teacher_cache: null (an "
+            "online teacher) or on_policy: null"
+        )
+    if cfg.get("teacher_model") is None:
+        problems.error(
+            "on_policy.fraction > 0 needs a teacher to grade the sampled tokens: configure "
+            "teacher_model and teacher_checkpointer, or set on_policy: null"
+        )
+    dataset = cfg.get("dataset")
+    if not isinstance(dataset, DictConfig) or dataset.get("packed", False):
+        problems.error(
+            "on_policy.fraction > 0 reads each sample's prompt from one unpacked dataset: use a "
+            "single dataset node with packed: false"
+        )
+
+
 def _check_components(cfg: DictConfig, problems: _Problems) -> None:
     for key in cfg:
         for path, node in _component_nodes(cfg._get_node(key), str(key)):
@@ -527,6 +557,7 @@ def check_config(cfg: DictConfig) -> None:
     cfg = with_defaults(cfg)
     _check_loss_setup(cfg, problems)
     _check_kd_options(cfg, problems)
+    _check_on_policy(cfg, problems)
     _check_by_building(cfg, problems)
     _check_student_checkpointer(cfg, problems)
     _check_activation_offloading(cfg, problems)

@@ -27,6 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 Component = typing.NewType("Component", dict)
 """A ``{_component_: dotted.path, ...}`` node (checked by import and signature elsewhere)."""
+Block = typing.NewType("Block", dict)
+"""A mapping of a feature's own keys (not a component), checked by that feature's code."""
 Components = typing.NewType("Components", list)
 """A component node, or a list of them (datasets, concatenated as torchtune does)."""
 
@@ -85,6 +87,12 @@ class RecipeConfig:
     teacher_cache: str | None = key(
         "null, or a folder built by `kdtune cache-teacher`: train from its top-k teacher "
         "log-probs; no teacher is built or loaded (the teacher keys are unused)",
+        None,
+    )
+    on_policy: Block | None = key(
+        "on-policy distillation: {fraction (share of steps whose sequences are sampled), "
+        "max_new_tokens, temperature, top_k, top_p, source: student or teacher}; null: "
+        "off-policy only",
         None,
     )
     tokenizer: Component = key("tokenizer builder (_component_)")
@@ -225,6 +233,8 @@ def _matches(value: Any, kind: Any) -> bool:
         return value is None
     if kind is Component:
         return isinstance(value, DictConfig | dict) and "_component_" in value
+    if kind is Block:
+        return isinstance(value, DictConfig | dict) and "_component_" not in value
     if kind is Components:
         items = value if isinstance(value, ListConfig | list) else [value]
         return len(items) > 0 and all(_matches(item, Component) for item in items)
@@ -245,6 +255,7 @@ def _spell(kind: Any) -> str:
         float: "a number",
         str: "a string",
         Component: "a {_component_: ...} node",
+        Block: "a mapping of its keys",
         Components: "a {_component_: ...} node or a list of them",
     }
     return names[kind]

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,7 @@ class PendingStep:
     peak_memory_gib: float  # this rank's
     losses: StepLosses
     grad_norm: Tensor  # 0-dim, before clipping
+    extra: dict[str, float] = field(default_factory=dict)  # host numbers (e.g. generation)
 
 
 def _host_values(rows: list[Tensor]) -> list[list[float]]:
@@ -159,8 +160,13 @@ def train_records(
                 "tokens_per_second": losses["num_tokens"] / step.seconds,
                 "step_seconds": step.seconds,
                 "peak_memory_gib": max(peaks[index] for peaks in peaks_by_rank),
+                **step.extra,
             }
         )
+        if "generation_seconds" in step.extra:  # an on-policy step: sampling, then training
+            train_seconds = step.seconds - step.extra["generation_seconds"]
+            records[-1]["train_seconds"] = train_seconds
+            records[-1]["train_tokens_per_second"] = losses["num_tokens"] / train_seconds
     return records
 
 
@@ -204,8 +210,11 @@ class StepLog:
             peaks = [float(rank_peaks[index]) for rank_peaks in peaks_by_rank]
             self.writer.write({"kind": "memory", "step": record["step"], "peak_memory_gib": peaks})
             if self.progress is not None:
+                generated = record.get("generation_tokens_per_second")
                 self.progress.set_postfix(
-                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}"
+                    loss=f"{record['loss']:.4f}",
+                    tok_s=f"{record['tokens_per_second']:.0f}",
+                    **({} if generated is None else {"gen_tok_s": f"{generated:.0f}"}),
                 )
             extra = self.memory_stats() if self.memory_stats is not None else {}
             self.to_metric_logger(record | extra, prefix="")
