@@ -5,22 +5,13 @@ Launch (see ``configs/`` for the YAMLs; each opens with its own command)::
     kdtune run knowledge_distillation --config tiny/full_chunked output_dir=/tmp/kd
     tune run kdtune/recipes/knowledge_distillation.py --config path/to/config.yaml key=value
 
-The loss of every optimizer step is ``(1 - kd_ratio) * CE + kd_ratio * KD``, each term a mean
-over all target tokens of the step (every micro-batch; every rank once data-parallel), so
-gradient accumulation gives the gradient of one large batch. Two loss paths, chosen by
-``kd_loss``: *chunked* (both models return logits in chunks, consumed by a chunked CE and KD
-loss) or *fused* (``kdtune.losses.fused.FusedLinearKDLoss`` takes final hidden states and
-output weights and never materialises the logits). With ``teacher_model: null`` and
-``kd_ratio: 0.0`` the recipe fine-tunes with CE alone.
-
-The config is checked before any model is built (:mod:`kdtune.training.config_checks`), then
-the vocabularies (models built on the meta device). One process or many, one code path: under
-``torchrun`` both models are built on meta, sharded per layer with FSDP2 (the teacher frozen)
-and loaded from rank 0's checkpoint; each rank reads its share of every global batch, and each
-loss is divided by the whole step's token count on all ranks, so any process count gives the
-gradients of the same global batch (:mod:`kdtune.training.runtime` decides;
-:mod:`~kdtune.training.parallel`, :mod:`~kdtune.training.state_dicts` and
-:mod:`~kdtune.training.process_group` act, as no-ops in one process).
+Each step's loss is ``(1 - kd_ratio) * CE + kd_ratio * KD``, each term a mean over all target
+tokens of the step (all micro-batches and ranks), so accumulation gives one large batch's
+gradient. The teacher is a model (chunked logits, or hidden states for the fused loss), a
+``teacher_cache`` of its top-k log-probs, or absent (CE only); with ``on_policy`` the student
+first samples the step's answers (:mod:`kdtune.training.on_policy`). The config is checked
+before any model is built; one process or many is one code path (FSDP2 via
+:mod:`~kdtune.training.parallel`, no-ops in one process).
 
 Outputs in ``output_dir``: ``metrics.jsonl``, ``checkpoints/step_N/`` (HF weights + training
 state, written atomically) and whatever the configured ``metric_logger`` writes.
@@ -435,19 +426,11 @@ class KDRecipe(FTRecipeInterface):
     # Checkpoints
 
     def save_checkpoint(self, epoch: int | None = None, *, final: bool = False) -> Path | None:
-        """Write ``checkpoints/step_<global_step>/`` atomically; prune old ones.
-
-        Every rank takes part (the full student and optimizer state are gathered to rank 0,
-        which alone writes); all ranks wait until the folder is complete. ``epoch`` is
-        accepted for torchtune's interface and ignored: checkpoints are named by optimizer
-        step.
-
-        Returns:
-            The checkpoint folder on rank 0, None on the other ranks.
-        """
+        """Write ``checkpoints/step_<global_step>/`` atomically and prune old ones; a collective
+        (rank 0 writes, returns the folder; others get None). ``epoch`` is ignored (torchtune's
+        interface): checkpoints are named by optimizer step."""
         self._step_log.flush()
         adapter_only = self._is_lora and bool(self._cfg.save_adapter_weights_only)
-        # Collectives: every rank gathers, rank 0 receives.
         state = state_dicts.gather_full_state_dict(self._student, trainable_only=adapter_only)
         optimizer_state = state_dicts.gather_full_optimizer_state_dict(
             self._student, self._optimizer
