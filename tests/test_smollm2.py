@@ -25,7 +25,13 @@ from omegaconf import OmegaConf
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
 from kdtune.smollm2.convert import MANIFEST, convert_gguf, verify_folder
-from kdtune.smollm2.evaluate import held_out_batches, load_smollm2, score, teacher_log_probs
+from kdtune.smollm2.evaluate import (
+    greedy_answer,
+    held_out_batches,
+    load_smollm2,
+    score,
+    teacher_log_probs,
+)
 from kdtune.smollm2.prune import first_and_last, parse_layers, prune_layers
 from kdtune.smollm2.tokenizer import IM_END, IM_START, SmolLM2Tokenizer
 
@@ -242,16 +248,34 @@ def _eval_cfg(root: Path):
 # Conversion
 
 
-def test_converted_folder_matches_the_reference_forward(tiny):
-    """The HF folder, read by torchtune's FullModelHFCheckpointer into kdtune's SmolLM2
-    builder, computes llama.cpp's logits of the GGUF (Q4_1 decoded independently)."""
+def test_converted_folder_matches_the_reference_forward(tiny, tmp_path):
+    """The HF folder computes llama.cpp's logits of the GGUF (Q4_1 decoded independently),
+    read by torchtune's FullModelHFCheckpointer into kdtune's SmolLM2 builder, by kdtune's
+    loader, and by transformers."""
+    from torchtune.training import FullModelHFCheckpointer
+    from transformers import AutoModelForCausalLM
+
+    from kdtune.smollm2.models import smollm2_from_hf_config
+
     reference = read_reference_weights(tiny["gguf"])
-    model = load_smollm2(tiny["teacher"]).double()
     tokens = [1, 40, 77, 3, 200, 9, 150, 2, 5, 100, 260, 33]
     expected = reference_logits(reference, tokens, list(range(TINY["layers"])))
+    checkpointer = FullModelHFCheckpointer(
+        checkpoint_dir=str(tiny["teacher"]),
+        checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3_2",
+        output_dir=str(tmp_path),
+    )
+    config = json.loads((tiny["teacher"] / "config.json").read_text())
+    torchtune_model = smollm2_from_hf_config(config)
+    torchtune_model.load_state_dict(checkpointer.load_checkpoint()["model"])
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny["teacher"]), dtype=torch.float64).eval()
     with torch.no_grad():
-        got = model(torch.tensor([tokens]))[0].double()
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        got = load_smollm2(tiny["teacher"]).double()(torch.tensor([tokens]))[0].double()
+        via_checkpointer = torchtune_model.double().eval()(torch.tensor([tokens]))[0].double()
+        via_transformers = hf(input_ids=torch.tensor([tokens])).logits[0]
+    for logits in (got, via_checkpointer, via_transformers):
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
     # the q/k permutation matters: without llama.cpp's order the logits are far off
     broken = dict(reference)
     for i in range(TINY["layers"]):
@@ -329,6 +353,13 @@ def test_real_perplexity_equals_transformers_forward(tmp_path):
     (tmp_path / "teacher").symlink_to(REAL_TEACHER)
     ours = _assert_ce_equals_transformers(tmp_path, max_records=8, tolerance=1e-3)
     assert ours.perplexity < 40  # a working SmolLM2 on Python's docs (a broken one: > 150)
+    answer = greedy_answer(
+        load_smollm2(REAL_TEACHER),
+        SmolLM2Tokenizer(REAL_TEACHER),
+        "What is the capital of France?",
+        12,
+    )
+    assert "Paris" in answer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +424,25 @@ def test_prompt_tokens_are_masked_in_torchtune_datasets(tiny, tmp_path):
         assert all(label == CROSS_ENTROPY_IGNORE_IDX for label in labels[:answer_start])
         assert labels[answer_start:] == tokens[answer_start:]  # answer, <|im_end|>, "\n"
         assert tokens[-2] == tokenizer.eos_id
+
+
+def test_greedy_answer_is_the_argmax_chain(tiny):
+    """The KV-cached greedy answer equals a plain loop of full forwards and argmaxes."""
+    model = load_smollm2(tiny["teacher"])
+    tokenizer = SmolLM2Tokenizer(tiny["teacher"])
+    prompt, _ = tokenizer.tokenize_messages(
+        [Message("user", "the tea"), Message("assistant", "")], add_end_tokens=False
+    )
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            next_id = int(model(torch.tensor([tokens]))[0, -1].argmax())
+            if next_id == tokenizer.eos_id:
+                break
+            tokens.append(next_id)
+    expected = tokenizer.decode(tokens[len(prompt) :]).strip()
+    assert greedy_answer(model, tokenizer, "the tea", max_new_tokens=10) == expected
+    assert not model.caches_are_setup()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,3 +510,27 @@ def test_shipped_configs_train_the_pruned_tiny_model(tiny, tmp_path, kdtune_run,
         for a, b in zip(trained.state_dict().values(), start.state_dict().values())
     ]
     assert any(changed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo's table
+
+
+def test_demo_table_and_verdict():
+    from kdtune.smollm2.demo import results_table, verdict
+
+    def row(model, ppl, kl):
+        return {"model": model, "perplexity": ppl, "ce": math.log(ppl), "kl_to_teacher": kl,
+                "top1_agreement": 0.5}  # fmt: skip
+
+    fixed = [row("teacher", 10.0, 0.0), row("start", 900.0, 4.0)]
+    orders = {
+        0: [*fixed, row("ce", 40.0, 1.5), row("kd", 30.0, 1.2)],
+        1: [*fixed, row("ce", 42.0, 1.6), row("kd", 44.0, 1.3)],
+    }
+    table = results_table(orders)
+    assert "| CE-only fine-tuning | 41.000 ± 1.414 |" in table
+    assert table.splitlines()[2].startswith("| teacher (30 layers) | 10.000 ± 0.000 |")
+    assert verdict(orders) == (
+        "KD beats CE-only on held-out perplexity and KL to teacher in 1/2 data order(s)."
+    )
