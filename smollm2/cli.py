@@ -62,7 +62,7 @@ def _eval(argv: list[str]) -> int:
     )
     parser.add_argument("--out", type=Path, default=demo.DEFAULT_DIR, help="the set-up folder")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR")
-    parser.add_argument("--eval-records", type=int, default=16)
+    parser.add_argument("--eval-records", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)

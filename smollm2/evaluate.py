@@ -87,13 +87,16 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model: nn.Module, batches: list[dict], teacher_lp: list[Tensor]) -> Scores:
-    """Token means of CE, KL(teacher ‖ model) and argmax agreement over all target positions."""
+def score(model: nn.Module | None, batches: list[dict], teacher_lp: list[Tensor]) -> Scores:
+    """Token means of CE, KL(teacher ‖ model) and argmax agreement over all target positions.
+
+    ``model=None`` scores the teacher itself from ``teacher_lp`` (no second forward).
+    """
     ce_sum = kl_sum = agree = 0.0
     count = 0
     for batch, t_lp in zip(batches, teacher_lp, strict=True):
         labels, mask = _targets(batch)
-        s_lp = F.log_softmax(model(batch["tokens"]).float(), -1)[mask]
+        s_lp = t_lp if model is None else F.log_softmax(model(batch["tokens"]).float(), -1)[mask]
         ce_sum += F.nll_loss(s_lp, labels[mask], reduction="sum").item()
         kl_sum += (t_lp.exp() * (t_lp - s_lp)).sum().item()
         agree += (s_lp.argmax(-1) == t_lp.argmax(-1)).sum().item()
@@ -150,7 +153,7 @@ def evaluate_models(
     rows = []
     for name, folder in {**models, **checkpoints}.items():
         model = teacher if name == "teacher" else load_smollm2(folder)
-        scores = score(model, batches, teacher_lp)
+        scores = score(None if name == "teacher" else model, batches, teacher_lp)
         answers = [greedy_answer(model, tokenizer, q) for q in prompts]
         log(
             f"[eval] {name}: perplexity {scores.perplexity:.2f}, KL {scores.kl_to_teacher:.3f}, "

@@ -323,8 +323,7 @@ def _assert_ce_equals_transformers(root: Path, max_records: int | None, toleranc
     from transformers import AutoModelForCausalLM
 
     batches = held_out_batches(_eval_cfg(root), batch_size=4, max_records=max_records)
-    teacher = load_smollm2(root / "teacher")
-    ours = score(teacher, batches, teacher_log_probs(teacher, batches))
+    ours = score(None, batches, teacher_log_probs(load_smollm2(root / "teacher"), batches))
     hf = AutoModelForCausalLM.from_pretrained(str(root / "teacher"), dtype=torch.float32).eval()
     nll = count = 0.0
     with torch.no_grad():
@@ -340,7 +339,6 @@ def _assert_ce_equals_transformers(root: Path, max_records: int | None, toleranc
             count += int((targets != CROSS_ENTROPY_IGNORE_IDX).sum())
     assert ours.num_tokens == count > 0
     assert abs(ours.ce - nll / count) < tolerance, (ours.ce, nll / count)
-    assert ours.kl_to_teacher == pytest.approx(0.0, abs=1e-6) and ours.top1_agreement == 1.0
     return ours
 
 
