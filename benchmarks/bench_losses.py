@@ -159,13 +159,14 @@ def estimate_gib(case: Case) -> float:
     b = DTYPE_BYTES[case.dtype]
     logits = case.seq * case.vocab
     weight = case.vocab * case.hidden
-    chunk = min(case.rows, case.seq) * case.vocab
+    chunk = min(case.rows or 261, case.seq) * case.vocab
     weight_grad = weight * (b + 4 if case.dtype != "float32" else 4) if case.trainable else 0
     per_variant = {
         "full": logits * (2 * b + 32),
         "torchtune_chunked": logits * (2 * b + 12),
         "kdtune_chunked": logits * (3 * b + 4) + 10 * 1024 * case.vocab,
         "kdtune_fused": 12 * chunk * 4,
+        "kdtune_topk": 12 * chunk * 4 + 2 * 1024 * case.vocab * 4,
         "liger": 12 * 1024 * case.vocab * 4 + weight * b,
         "floor": 3 * chunk * b,
     }[case.variant]
@@ -333,7 +334,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=128_256)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--teacher-hidden", type=int, default=2048)
-    parser.add_argument("--chunk-size", type=int, default=256, help="rows per fused chunk")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="rows per fused chunk (and floor); 0: the fused loss's default (memory budget)",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cap-gib", type=float, default=16.0, help="skip estimates above")

@@ -10,8 +10,12 @@ hidden states and weight, and labels. Each builds its logits (or not) its own wa
 - ``torchtune_chunked``: torchtune's chunked head (``model.set_num_output_chunks(8)``:
   ``[output(c) for c in h.chunk(8, dim=1)]``) with ``ForwardKLWithChunkedOutputLoss(8)`` and
   ``CEWithChunkedOutputLoss(8)``, mixed as torchtune's KD recipe does.
-- ``kdtune_chunked``: the same chunked head with kdtune's chunked family.
-- ``kdtune_fused``: :class:`kdtune.losses.fused.FusedLinearKDLoss` on the hidden states.
+- ``kdtune_chunked``: the same chunked head with kdtune's forward KL, KD and CE of each chunk
+  from one engine call (``kd_and_ce``, as the recipe's chunked step does).
+- ``kdtune_fused``: :class:`kdtune.losses.fused.FusedLinearKDLoss` on the hidden states, with
+  its default chunking (rows from the memory budget) unless ``--chunk-size`` is given.
+- ``kdtune_topk``: the fused loss with a cached sparse teacher (``TopKTeacher``, k = 128, built
+  once before timing): no teacher matmul in the step, k student columns gathered per chunk.
 - ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0,
   weight_soft_loss=1)`` (forward KL, no CE term), eager PyTorch (``compiled=False``).
 - ``floor``: only the matmuls the fused loss must do, in the input dtype, chunk by chunk: the
@@ -35,6 +39,7 @@ VARIANTS = (
     "torchtune_chunked",
     "kdtune_chunked",
     "kdtune_fused",
+    "kdtune_topk",
     "liger",
     "floor",
 )
@@ -139,19 +144,27 @@ def torchtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
 
 
 def kdtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
-    from kdtune.losses.chunked import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
+    """The same chunked head; KD and CE of every chunk from one engine call (``kd_and_ce``)."""
+    from kdtune.losses.chunked import ForwardKLWithChunkedOutputLoss
 
-    return _chunked_head_step(
-        inputs,
-        CEWithChunkedOutputLoss(TORCHTUNE_CHUNKS),
-        ForwardKLWithChunkedOutputLoss(TORCHTUNE_CHUNKS),
-    )
+    loss_fn = ForwardKLWithChunkedOutputLoss(TORCHTUNE_CHUNKS)
+
+    def step() -> Tensor:
+        student = _chunked_head(inputs.student_hidden, inputs.student_weight)
+        with torch.no_grad():
+            teacher = _chunked_head(inputs.teacher_hidden, inputs.teacher_weight)
+        loss = loss_fn.kd_and_ce(student, teacher, inputs.labels, kd_ratio=KD_RATIO).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
 
 
-def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
+def _fused_step(inputs: Inputs, rows: int, **teacher: object) -> Callable[[], Tensor]:
+    """``FusedLinearKDLoss`` (forward KL + CE), default chunking unless ``rows``."""
     from kdtune.losses.fused import FusedLinearKDLoss
 
-    loss_fn = FusedLinearKDLoss("forward_kl", chunk_size=rows)
+    loss_fn = FusedLinearKDLoss("forward_kl", chunk_size=rows or None)
 
     def step() -> Tensor:
         out = loss_fn(
@@ -159,13 +172,36 @@ def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
             inputs.student_weight,
             inputs.labels,
             kd_ratio=KD_RATIO,
-            teacher_hidden=inputs.teacher_hidden,
-            teacher_weight=inputs.teacher_weight,
+            **teacher,
         )
         out.loss.backward()
         return out.loss.detach()
 
     return step
+
+
+def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
+    """``FusedLinearKDLoss`` with its defaults (rows from the memory budget) unless ``rows``."""
+    teacher = {"teacher_hidden": inputs.teacher_hidden, "teacher_weight": inputs.teacher_weight}
+    return _fused_step(inputs, rows, **teacher)
+
+
+TOPK = 128
+
+
+def kdtune_topk_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
+    from kdtune.losses import TopKTeacher
+
+    with torch.no_grad():  # what the cache would hold, built chunk by chunk
+        ids, values, rest = [], [], []
+        for hidden in inputs.teacher_hidden.split(1024, dim=1):
+            log_p = torch.log_softmax(F.linear(hidden, inputs.teacher_weight).float(), -1)
+            top, index = log_p.topk(TOPK, dim=-1)
+            ids.append(index)
+            values.append(top)
+            rest.append(torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6)))
+    teacher = TopKTeacher(torch.cat(ids, 1), torch.cat(values, 1), torch.cat(rest, 1))
+    return _fused_step(inputs, rows, teacher_topk=teacher)
 
 
 def liger_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
@@ -191,7 +227,14 @@ def liger_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
 
 
 def floor_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
-    """The four matmuls of the fused loss, chunk by chunk, in the input dtype (no loss math)."""
+    """The four matmuls of the fused loss, chunk by chunk, in the input dtype (no loss math).
+
+    ``rows`` 0: the fused loss's default rows per chunk for these shapes.
+    """
+    from kdtune.losses.engine import rows_per_chunk
+
+    seq, vocab = inputs.student_hidden.shape[1], inputs.student_weight.shape[0]
+    rows = rows or rows_per_chunk(seq, vocab)
     hidden = inputs.student_hidden.detach().view(-1, inputs.student_hidden.shape[-1])
     teacher_hidden = inputs.teacher_hidden.view(-1, inputs.teacher_hidden.shape[-1])
     weight, teacher_weight = inputs.student_weight.detach(), inputs.teacher_weight
@@ -221,6 +264,7 @@ STEPS: dict[str, Callable[[Inputs, int], Callable[[], Tensor]]] = {
     "torchtune_chunked": torchtune_chunked_step,
     "kdtune_chunked": kdtune_chunked_step,
     "kdtune_fused": kdtune_fused_step,
+    "kdtune_topk": kdtune_topk_step,
     "liger": liger_step,
     "floor": floor_step,
 }

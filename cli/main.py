@@ -7,6 +7,7 @@
     kdtune run --nproc_per_node 2 knowledge_distillation --config <name|path> [key=value ...]
     kdtune cp tiny/full_chunked ./my_kd.yaml               copy a config to edit it
     kdtune validate --config ./my_kd.yaml [key=value ...]  check a config without training
+    kdtune cache-teacher --config <name|path> teacher_cache=DIR [--top_k K] [key=value ...]
 
 Subcommands are entries of :data:`COMMANDS` (name -> :class:`Command`); adding one is adding
 an entry (``eval`` and ``demo`` plug in there).
@@ -78,20 +79,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_torchrun(module: str, config_path: Path, overrides: list[str], nproc: int) -> int:
     """``torchrun --standalone --nproc_per_node N -m <module> --config ...`` in this process."""
+    return torchrun_module(module, ["--config", str(config_path), *overrides], nproc)
+
+
+def torchrun_module(module: str, argv: list[str], nproc: int) -> int:
+    """``torchrun --standalone --nproc_per_node N -m <module> ARGV`` in this process."""
     from torch.distributed.run import get_args_parser, run
 
-    torchrun_args = get_args_parser().parse_args(
-        [
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            module,
-            "--config",
-            str(config_path),
-            *overrides,
-        ]
+    run(
+        get_args_parser().parse_args(
+            ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
+        )
     )
-    run(torchrun_args)
     return 0
 
 
@@ -140,13 +139,11 @@ def _cp(args: argparse.Namespace) -> int:
 
 
 def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
-    from kdtune.training.config_checks import RECIPE_KEYS
+    from kdtune.training.config_schema import help_text
 
     parser.add_argument("--config", required=True, help="config name (kdtune ls) or YAML path")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    width = max(len(key) for key in RECIPE_KEYS) + 2
-    keys = "\n".join(f"  {key:<{width}}{meaning}" for key, meaning in RECIPE_KEYS.items())
-    parser.epilog = f"keys of the knowledge_distillation recipe (all required):\n{keys}"
+    parser.epilog = help_text()
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -167,12 +164,45 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# cache-teacher
+
+
+def _add_cache_teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    from kdtune.teacher_cache.build import add_build_arguments
+
+    parser.add_argument(
+        "--nproc_per_node", type=int, default=1, help="processes (each builds its own shards)"
+    )
+    add_build_arguments(parser)
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from kdtune.teacher_cache import build
+
+    argv = [
+        "--config",
+        str(resolve_config(args.config)),
+        *(f"--{key}={value}" for key, value in build.cli_options(args).items()),
+        *args.overrides,
+    ]
+    if args.nproc_per_node > 1:
+        return torchrun_module("kdtune.teacher_cache", argv, args.nproc_per_node)
+    return build.main(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "run": Command("run a recipe with a config", _add_run_arguments, _run, takes_overrides=True),
     "ls": Command("list recipes and their configs", _add_ls_arguments, _ls),
     "cp": Command("copy a shipped config to edit it", _add_cp_arguments, _cp),
     "validate": Command(
         "check a config (no training)", _add_validate_arguments, _validate, takes_overrides=True
+    ),
+    "cache-teacher": Command(
+        "cache a KD config's teacher top-k log-probs (then train with teacher_cache=DIR)",
+        _add_cache_teacher_arguments,
+        _cache_teacher,
+        takes_overrides=True,
     ),
 }
 """Subcommand table."""

@@ -2,7 +2,8 @@
 
 ::
 
-    kdtune demo [--out DIR] [--seeds 0 1 2] [--quick] [--setup-only] [--threads N] [key=value ...]
+    kdtune demo [--out DIR] [--seeds 0 1 2] [--quick] [--setup-only] [--no-cached] [--threads N]
+                [key=value ...]
     kdtune eval --config CONFIG --checkpoint NAME=DIR [...] [--teacher DIR | --no-teacher]
                 [--seeds 0 1 2] [--task task.json] [--json PATH] [key=value ...]
 
@@ -61,7 +62,8 @@ def demo_parser() -> argparse.ArgumentParser:
         prog="kdtune demo",
         description="Distil the shipped teacher into a small student on an embedded task "
         "(nothing to download; about 2-3 minutes on 2 CPU cores) and print the quality table: "
-        "student before training, CE-only fine-tuning, KD with four divergences, teacher.",
+        "student before training, CE-only fine-tuning, KD with four divergences, KD from the "
+        "cached top-2/4/8 teacher log-probs, teacher.",
         epilog="Trailing key=value arguments override the config of every student run "
         "(e.g. epochs=10 kd_ratio=0.5), as on `kdtune run`.",
     )
@@ -78,6 +80,11 @@ def demo_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--setup-only", action="store_true", help="write the demo folder and stop (no training)"
+    )
+    parser.add_argument(
+        "--no-cached",
+        action="store_true",
+        help="leave out the three runs of KD from the cached top-k teacher (k = 2, 4, 8)",
     )
     parser.add_argument(
         "--threads",
@@ -104,6 +111,7 @@ def demo_main(argv: list[str]) -> int:
         quick=args.quick,
         extra=overrides,
         setup_only=args.setup_only,
+        cached=not args.no_cached,
     )
     return 0
 

@@ -3,8 +3,10 @@
 For each seed: the student (2 layers, random init from the seed) is fine-tuned on the same 128
 answers, the same steps and data order, once with CE alone (``demo/student_ce``) and once per
 divergence with knowledge distillation from the shipped teacher (``demo/student_kd`` with a
-``kd_loss._component_`` override). Then every model is scored on 1,000 held-out answers
-against the data, the teacher and the true chain (:mod:`kdtune.demo.evaluate`).
+``kd_loss._component_`` override), and once per k in (2, 4, 8) with forward KL from a cache of
+the teacher's top-k log-probs (``teacher_cache=...``; built once by ``kdtune cache-teacher``'s
+code, no teacher in memory while training). Then every model is scored on 1,000 held-out
+answers against the data, the teacher and the true chain (:mod:`kdtune.demo.evaluate`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from kdtune.assets.checkpoints import write_text_atomic
 from kdtune.demo.evaluate import evaluate_checkpoints
-from kdtune.demo.runner import RunResult, demo_config, run_recipe
+from kdtune.demo.runner import RunResult, demo_config, recipe_output_to, run_recipe
 from kdtune.demo.table import json_safe, markdown_mean_table, markdown_table, wins
 from kdtune.demo.workspace import DEFAULT_SPEC, Workspace, prepare_workspace, read_teacher_manifest
 
@@ -63,17 +65,67 @@ KD_VARIANTS: tuple[Variant, ...] = (
     ),
 )
 
+CACHED_TOP_K = (2, 4, 8)
+CACHE_FOLDER = "teacher_cache"
+
+
+def cached_variant(k: int) -> Variant:
+    """Forward-KL KD from the cached top-k teacher log-probs (the folder is in the workspace)."""
+    return Variant(
+        f"kd_cached_top{k}",
+        f"student, KD forward KL from cached top-{k}",
+        KD_CONFIG,
+        (f"teacher_cache=${{assets_dir}}/{CACHE_FOLDER}/top{k}",),
+    )
+
+
+CACHED_VARIANTS: tuple[Variant, ...] = tuple(cached_variant(k) for k in CACHED_TOP_K)
+
 LABELS: dict[str, str] = {
     "before": "student, before training",
-    **{v.name: v.label for v in (CE_ONLY, KD_FORWARD, *KD_VARIANTS)},
+    **{v.name: v.label for v in (CE_ONLY, KD_FORWARD, *CACHED_VARIANTS, *KD_VARIANTS)},
     "teacher": "teacher (shipped)",
     "truth": "true distribution (floor)",
 }
 
 
-def variants(quick: bool) -> list[Variant]:
-    """CE-only and forward-KL KD always; the other divergences unless ``quick``."""
-    return [CE_ONLY, KD_FORWARD] if quick else [CE_ONLY, KD_FORWARD, *KD_VARIANTS]
+def variants(quick: bool, cached: bool = True) -> list[Variant]:
+    """CE-only and forward-KL KD always; unless ``quick``, KD from the cached top-k (if
+    ``cached``) and the other divergences."""
+    if quick:
+        return [CE_ONLY, KD_FORWARD]
+    return [CE_ONLY, KD_FORWARD, *(CACHED_VARIANTS if cached else ()), *KD_VARIANTS]
+
+
+def build_teacher_caches(ws: Workspace, plan: list[Variant], extra: list[str]) -> None:
+    """Cache the teacher's top-k over the training answers for each cached variant of ``plan``.
+
+    The same code as ``kdtune cache-teacher --config demo/student_kd --top_k k``; a complete
+    cache from an earlier demo run with the same settings is kept (its shards verified).
+    """
+    from kdtune.teacher_cache.build import BuildOptions, build_teacher_cache
+
+    for k, variant in zip(CACHED_TOP_K, CACHED_VARIANTS):
+        if variant not in plan:
+            continue
+        cfg = demo_config(variant.config, run_overrides(ws, 0, variant, extra))
+        started = time.perf_counter()
+        with recipe_output_to(ws.root / CACHE_FOLDER / f"top{k}.log"):
+            manifest = build_teacher_cache(cfg, BuildOptions(top_k=k, batch_size=64))
+        _say(
+            f"[setup] cached the teacher's top-{k} log-probs: {manifest['num_positions']} "
+            f"answer tokens, {manifest['bytes_per_token']:.0f} bytes/token, "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+
+
+def cached_vs_online(per_seed: list[dict[str, dict]]) -> dict[int, list[float]]:
+    """Per k, each seed's held-out true KL of the cached-top-k student / the online KD one."""
+    return {
+        k: [rows[v.name]["true_kl"] / rows[KD_FORWARD.name]["true_kl"] for rows in per_seed]
+        for k, v in zip(CACHED_TOP_K, CACHED_VARIANTS)
+        if v.name in per_seed[0]
+    }
 
 
 def run_overrides(ws: Workspace, seed: int, variant: Variant, extra: list[str]) -> list[str]:
@@ -108,7 +160,13 @@ def _say(message: str) -> None:
 
 
 def run_demo(
-    out: Path, *, seeds: list[int], quick: bool, extra: list[str], setup_only: bool
+    out: Path,
+    *,
+    seeds: list[int],
+    quick: bool,
+    extra: list[str],
+    setup_only: bool,
+    cached: bool = True,
 ) -> dict:
     """Set up, train and evaluate; print progress and the table; write results.{json,md}."""
     started = time.perf_counter()
@@ -123,7 +181,8 @@ def run_demo(
     )
     if setup_only:
         return {}
-    plan = variants(quick)
+    plan = variants(quick, cached)
+    build_teacher_caches(ws, plan, extra)
     per_seed: list[dict[str, dict]] = []
     timings: dict[str, float] = {}
     for seed in seeds:
@@ -161,6 +220,14 @@ def run_demo(
         f"KD (forward KL) beats CE-only fine-tuning on held-out CE, true KL and KL to teacher "
         f"in {kd_wins}/{len(seeds)} seed(s)."
     )
+    ratios = cached_vs_online(per_seed)
+    for k, values in ratios.items():
+        within = sum(ratio <= 1.05 for ratio in values)
+        listed = ", ".join(f"{ratio:.3f}" for ratio in values)
+        verdict += (
+            f"\nKD from the cached top-{k}: held-out true KL / online KD's = {listed} "
+            f"(within 5% in {within}/{len(values)} seed(s))."
+        )
     _say(f"\n{title}\n\n{table}\n\n{verdict}")
     _say(f"Done in {elapsed:.0f} s. Per-seed tables: {ws.root / 'results.md'}")
     per_seed_text = "".join(
@@ -174,6 +241,7 @@ def run_demo(
         "labels": LABELS,
         "per_seed": per_seed,
         "kd_forward_beats_ce_seeds": kd_wins,
+        "cached_true_kl_over_online": ratios,
         "seconds": elapsed,
         "train_seconds": timings,
     }

@@ -1,13 +1,18 @@
-"""Knowledge-distillation losses: per-token divergences, the chunked family and the fused loss."""
+"""Knowledge-distillation losses: one engine (:mod:`kdtune.losses.engine`) behind the chunked
+family (torchtune's names), the fused loss and sparse (top-k) teachers."""
 
+from kdtune.losses._math import TopKTeacher
 from kdtune.losses.chunked import (
     CEWithChunkedOutputLoss,
     ChunkedKDLoss,
+    ForwardKLLoss,
     ForwardKLWithChunkedOutputLoss,
     JSDWithChunkedOutputLoss,
+    ReverseKLLoss,
     ReverseKLWithChunkedOutputLoss,
     SkewForwardKLWithChunkedOutputLoss,
     SkewReverseKLWithChunkedOutputLoss,
+    SymmetricKLLoss,
     SymmetricKLWithChunkedOutputLoss,
     TVDWithChunkedOutputLoss,
     ce_loss,
@@ -21,21 +26,27 @@ from kdtune.losses.chunked import (
     tvd_loss,
 )
 from kdtune.losses.divergences import DIVERGENCES, get_divergence
+from kdtune.losses.engine import KDOutput
 from kdtune.losses.fused import FusedKDOutput, FusedLinearKDLoss, fused_linear_kd_loss
 
 __all__ = [
     "DIVERGENCES",
     "CEWithChunkedOutputLoss",
     "ChunkedKDLoss",
+    "ForwardKLLoss",
     "ForwardKLWithChunkedOutputLoss",
     "FusedKDOutput",
     "FusedLinearKDLoss",
     "JSDWithChunkedOutputLoss",
+    "KDOutput",
+    "ReverseKLLoss",
     "ReverseKLWithChunkedOutputLoss",
     "SkewForwardKLWithChunkedOutputLoss",
     "SkewReverseKLWithChunkedOutputLoss",
+    "SymmetricKLLoss",
     "SymmetricKLWithChunkedOutputLoss",
     "TVDWithChunkedOutputLoss",
+    "TopKTeacher",
     "ce_loss",
     "forward_kl_loss",
     "fused_linear_kd_loss",

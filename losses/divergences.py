@@ -17,6 +17,7 @@ and need no such rule. ``+inf`` and NaN logits are not supported.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from functools import partial
@@ -199,3 +200,15 @@ DIVERGENCES: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
     "skew_reverse_kl": (skew_reverse_kl, ("alpha",)),
     "total_variation": (total_variation, ()),
 }
+
+
+def resolved_params(name: str, params: dict[str, float]) -> dict[str, float]:
+    """``params`` of divergence ``name`` with its defaults filled in (validated)."""
+    get_divergence(name, **params)
+    fn, allowed = DIVERGENCES[name]
+    defaults = {
+        key: value.default
+        for key, value in inspect.signature(fn).parameters.items()
+        if key in allowed
+    }
+    return {**defaults, **params}

@@ -13,24 +13,17 @@ loss) or *fused* (``kdtune.losses.fused.FusedLinearKDLoss`` takes final hidden s
 output weights and never materialises the logits). With ``teacher_model: null`` and
 ``kd_ratio: 0.0`` the recipe fine-tunes with CE alone.
 
-Before any model is built the config is checked (:mod:`kdtune.training.config_checks`), then
-the vocabularies of student, teacher and tokenizer (models built on the meta device).
+The config is checked before any model is built (:mod:`kdtune.training.config_checks`), then
+the vocabularies (models built on the meta device). One process or many, one code path: under
+``torchrun`` both models are built on meta, sharded per layer with FSDP2 (the teacher frozen)
+and loaded from rank 0's checkpoint; each rank reads its share of every global batch, and each
+loss is divided by the whole step's token count on all ranks, so any process count gives the
+gradients of the same global batch (:mod:`kdtune.training.runtime` decides;
+:mod:`~kdtune.training.parallel`, :mod:`~kdtune.training.state_dicts` and
+:mod:`~kdtune.training.process_group` act, as no-ops in one process).
 
-One process or many, one code path. Launched by ``torchrun`` with several processes
-(``kdtune run --nproc_per_node N``, ``tune run --nproc_per_node N``, or ``torchrun --nnodes``
-across machines) the recipe starts a process group (NCCL on CUDA, gloo on CPU), builds both
-models on the meta device, shards every transformer layer and the root with FSDP2
-(``fully_shard``; the teacher frozen), and loads rank 0's checkpoint into the shards. Every
-rank reads its own share of each global batch; each loss is its token sum divided by the
-token count of the whole step on all ranks, and FSDP2 sums the gradients, so any process
-count gives the gradients of the same global batch. Rank 0 alone reads checkpoints, writes
-files and logs. The differences live in :mod:`kdtune.training.runtime` (decisions) and
-:mod:`kdtune.training.distributed` (collectives, no-ops in one process).
-
-Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON object per step and per validation,
-plus setup and per-rank memory records), ``checkpoints/step_N/`` (Hugging Face weights +
-training state, written atomically; the last one holds the final student) and whatever the
-configured ``metric_logger`` writes.
+Outputs in ``output_dir``: ``metrics.jsonl``, ``checkpoints/step_N/`` (HF weights + training
+state, written atomically) and whatever the configured ``metric_logger`` writes.
 """
 
 from __future__ import annotations
@@ -41,65 +34,59 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchtune import config, training, utils
-from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from kdtune import __version__
+from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import checkpointing as ckpt
-from kdtune.training import distributed
+from kdtune.training import parallel, process_group, state_dicts
 from kdtune.training.config_checks import (
     check_config,
-    check_models,
-    describe_model,
-    is_fused_loss,
+    check_vocabularies,
     kd_vocab_columns,
-    loss_chunks,
-    tokenizer_max_id,
+    normalize_null_components,
 )
+from kdtune.training.config_schema import with_defaults
 from kdtune.training.data import (
     batch_to_device,
-    build_dataset,
     count_loss_tokens,
+    model_inputs,
     next_micro_batches,
-    sft_collate,
+    rank_loaders,
     shift_labels,
+    steps_per_epoch,
 )
-from kdtune.training.metrics import MetricsWriter
+from kdtune.training.metrics import (
+    MetricsWriter,
+    PendingStep,
+    StepLog,
+    StepLosses,
+    parameter_memory_record,
+    peak_memory_gib,
+)
 from kdtune.training.runtime import (
     Runtime,
+    build_loss_step,
     build_model,
-    compile_loss,
     finish_teacher,
     freeze_all_but_adapters,
-    is_dora,
     load_weights,
-    lora_rank_and_alpha,
-    lora_target_modules,
-    prepare_for_training,
+    memory_stats_reader,
+    prepare_student,
+    prepare_teacher_for_sharding,
     set_determinism,
+    setup_profiler,
     setup_runtime,
-    student_state_dict,
     trainable_parameters,
 )
-from kdtune.training.steps import ChunkedLossStep, FusedLossStep, MicroBatchLoss
+from kdtune.training.steps import MicroBatchLoss
 from kdtune.training.validation import validate
 
 log = utils.get_logger("INFO")
-
-# Settings of a run that must not change across a resume, or the resumed run would not continue
-# the same sequence of batches and steps.
-_RESUME_INVARIANTS = (
-    "seed",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "steps_per_epoch",
-    "world_size",
-)
 
 
 class KDRecipe(FTRecipeInterface):
@@ -114,6 +101,7 @@ class KDRecipe(FTRecipeInterface):
 
     def __init__(self, cfg: DictConfig) -> None:
         check_config(cfg)
+        cfg = with_defaults(normalize_null_components(cfg))
         self._cfg = cfg
         self._runtime: Runtime = setup_runtime(cfg)
         self._output_dir = Path(cfg.output_dir)
@@ -129,29 +117,47 @@ class KDRecipe(FTRecipeInterface):
     # Setup
 
     def setup(self, cfg: DictConfig) -> None:
-        """Tokenizer, vocabulary checks, models, losses, optimizer, data, scheduler, state."""
+        """Tokenizer, vocabulary checks, models, losses, optimizer, data, scheduler, state.
+
+        ``cfg`` is the constructor's (torchtune's interface passes it again); the checked copy
+        from the constructor is used.
+        """
+        cfg = self._cfg
         runtime = self._runtime
-        resume_folder, resumed = self._read_resume_state(cfg)
+        resume_folder, resumed = ckpt.read_resume_state(
+            cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main
+        )
         if resumed is not None:
-            self._restore_seed(resumed)
+            seed = ckpt.saved_seed(resumed, cfg.seed)
+            self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
 
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._check_vocabularies(cfg)
+        check_vocabularies(cfg, self._tokenizer)
+        # teacher_cache: its top-k rows replace the teacher (checked before models are built).
+        self._teacher_cache = teacher_cache.open_for_training(cfg)
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if runtime.is_main else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
+        memory_stats = memory_stats_reader(cfg.log_peak_memory_stats, runtime.device)
+        self._step_log = StepLog(
+            self._metrics, self._metric_logger, cfg.log_every_n_steps, memory_stats
+        )
 
         self._student = self._setup_student(cfg, resume_folder)
         self._teacher = self._setup_teacher(cfg)
+        self._offload_activations = training.get_act_offloading_ctx_manager(
+            self._student, cfg.enable_activation_offloading
+        )
+        self._profiler = setup_profiler(cfg.profiler)
         self._setup_losses(cfg)
         # Measured before any forward: afterwards gathered layers may still be registered.
-        parameter_memory = self._parameter_memory()
+        parameter_memory = parameter_memory_record(self._student, self._teacher)
 
         # After sharding: the optimizer must hold the (DTensor) shards.
         self._optimizer = config.instantiate(cfg.optimizer, trainable_parameters(self._student))
         if resumed is not None:
-            distributed.load_full_optimizer_state_dict(
+            state_dicts.load_full_optimizer_state_dict(
                 self._student,
                 self._optimizer,
                 resumed.get("optimizer"),  # rank 0's; broadcast to the others
@@ -189,44 +195,6 @@ class KDRecipe(FTRecipeInterface):
             f"{parameter_memory['param_memory_gib']}"
         )
 
-    def _read_resume_state(self, cfg: DictConfig) -> tuple[Path | None, dict[str, Any] | None]:
-        """The checkpoint to resume from and its training state, or ``(None, None)``.
-
-        Rank 0 alone looks for and reads the checkpoint (the other ranks need neither the
-        files nor the memory of the optimizer state) and shares the rest; an error there is
-        raised on every rank.
-        """
-        folder = state = shared = error = None
-        if self._runtime.is_main:
-            try:
-                folder = ckpt.resolve_resume_folder(cfg.output_dir, cfg.resume_from_checkpoint)
-                state = ckpt.load_training_state(folder) if folder is not None else None
-            except ValueError as raised:
-                error = raised
-            if state is not None:
-                shared = {key: value for key, value in state.items() if key != "optimizer"}
-        folder, shared, error = distributed.broadcast_object((folder, shared, error))
-        if error is not None:
-            raise error
-        if state is not None:  # rank 0 keeps the optimizer state to broadcast it later
-            shared["optimizer"] = state["optimizer"]
-        return folder, shared
-
-    def _restore_seed(self, resumed: dict[str, Any]) -> None:
-        saved = resumed["run"]["seed"]
-        if self._cfg.seed is not None and self._cfg.seed != saved:
-            raise ValueError(
-                f"seed = {self._cfg.seed} but the checkpoint was trained with seed {saved}: "
-                f"resume with seed={saved} (or null)"
-            )
-        self.seed = set_determinism(saved, self._cfg.deterministic, self._runtime.device)
-
-    def _check_vocabularies(self, cfg: DictConfig) -> None:
-        """Vocab sizes of student, teacher and tokenizer agree (models built on meta)."""
-        student = describe_model(cfg.model)
-        teacher = describe_model(cfg.teacher_model) if cfg.teacher_model is not None else None
-        check_models(cfg, student, teacher, tokenizer_max_id(self._tokenizer))
-
     def _setup_student(self, cfg: DictConfig, resume_folder: Path | None) -> nn.Module:
         """Build on meta, freeze a LoRA base, wrap and shard, then load rank 0's weights."""
         runtime = self._runtime
@@ -238,11 +206,14 @@ class KDRecipe(FTRecipeInterface):
                 "save_adapter_weights_only = true needs a LoRA/DoRA student (a lora_* model "
                 "builder): set it to false for a full-parameter student"
             )
-        state = self._student_state(cfg, model, resume_folder) if runtime.is_main else None
-        prepare_for_training(
+        state = None
+        if runtime.is_main:
+            state = ckpt.student_start_state(
+                cfg.checkpointer, self._checkpointer, model, resume_folder, seed=self.seed
+            )
+        prepare_student(
             model,
             runtime,
-            trainable=True,
             activation_checkpointing=cfg.enable_activation_checkpointing,
             compile_layers=cfg.compile,
         )
@@ -254,32 +225,8 @@ class KDRecipe(FTRecipeInterface):
         )
         return model
 
-    def _student_state(
-        self, cfg: DictConfig, model: nn.Module, resume_folder: Path | None
-    ) -> dict[str, Tensor]:
-        """The student's full state dict (rank 0): original, or resumed, weights and adapters."""
-        # The original checkpoint is always read: its weight map lays out the saved shards, and
-        # a LoRA student's base weights come from it.
-        base = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-        adapters = None
-        if resume_folder is not None:
-            if self._is_lora:
-                adapters = torch.load(resume_folder / ckpt.ADAPTER_FILENAME, weights_only=True)
-            else:
-                base = self._load_saved_full_weights(cfg, resume_folder)
-        return student_state_dict(model, base, adapters, seed=self.seed)
-
-    def _load_saved_full_weights(self, cfg: DictConfig, folder: Path) -> dict[str, Tensor]:
-        """A full student's weights from a checkpoint folder, via the same HF checkpointer."""
-        reader = config.instantiate(
-            cfg.checkpointer,
-            checkpoint_dir=str(folder),
-            checkpoint_files=ckpt.hf_weight_files(folder),
-        )
-        return reader.load_checkpoint()[training.MODEL_KEY]
-
     def _setup_teacher(self, cfg: DictConfig) -> nn.Module | None:
-        if cfg.teacher_model is None:
+        if cfg.teacher_model is None or self._teacher_cache is not None:
             return None
         runtime = self._runtime
         teacher = build_model(cfg.teacher_model, runtime.dtype)
@@ -287,98 +234,38 @@ class KDRecipe(FTRecipeInterface):
         if runtime.is_main:
             checkpointer = config.instantiate(cfg.teacher_checkpointer)
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-        prepare_for_training(
-            teacher,
-            runtime,
-            trainable=False,
-            activation_checkpointing=False,  # no backward through the teacher
-            compile_layers=cfg.compile,
-        )
+        prepare_teacher_for_sharding(teacher, runtime, compile_layers=cfg.compile)
         load_weights(teacher, state, runtime)
         del state
         return finish_teacher(teacher, cfg.teacher_quantization)
 
-    def _parameter_memory(self) -> dict[str, list[float]]:
-        """GiB of parameters each rank holds (its shards), student and teacher (collective)."""
-        student = distributed.local_parameter_bytes(self._student) / 2**30
-        teacher = 0.0
-        if self._teacher is not None:
-            teacher = distributed.local_parameter_bytes(self._teacher) / 2**30
-        return {
-            "param_memory_gib": distributed.gather_from_ranks(student + teacher),
-            "student_param_memory_gib": distributed.gather_from_ranks(student),
-            "teacher_param_memory_gib": distributed.gather_from_ranks(teacher),
-        }
-
     def _setup_losses(self, cfg: DictConfig) -> None:
-        self._fused = is_fused_loss(cfg.kd_loss)
+        losses = build_loss_step(cfg, self._student, self._teacher)
+        self._loss_step, self._fused = losses.step, losses.fused
+        self._ignore_index, self._num_chunks = losses.ignore_index, losses.num_chunks
         self._vocab_columns = kd_vocab_columns(cfg)
-        if self._fused:
-            fused_loss = config.instantiate(cfg.kd_loss)
-            self._ignore_index = fused_loss.ignore_index
-            self._num_chunks = loss_chunks(cfg.kd_loss)
-            self._loss_step = FusedLossStep(fused_loss, self._kd_ratio)
-            return
-        ce_loss = config.instantiate(cfg.loss)
-        kd_loss = config.instantiate(cfg.kd_loss)
-        self._ignore_index = ce_loss.ignore_index
-        self._num_chunks = ce_loss.num_output_chunks
-        # Both models return their logits as the same number of chunks the losses expect.
-        self._student.set_num_output_chunks(self._num_chunks)
-        if self._teacher is not None:
-            self._teacher.set_num_output_chunks(self._num_chunks)
-        if cfg.compile:
-            ce_loss, kd_loss = compile_loss(ce_loss), compile_loss(kd_loss)
-        self._loss_step = ChunkedLossStep(ce_loss, kd_loss, self._kd_ratio)
 
     def _setup_data(self, cfg: DictConfig) -> None:
-        """This rank's loaders: every ``world_size``-th sample of the epoch's permutation.
-
-        Rank ``r``'s ``k``-th batch holds permutation positions ``r + world_size * j`` for
-        ``j`` in ``[k * batch_size, (k + 1) * batch_size)``, so the ranks' ``k``-th batches
-        together are positions ``[k * W * batch_size, (k + 1) * W * batch_size)``: the same
-        samples one process reads with ``batch_size`` ``W * batch_size``.
-        """
         runtime = self._runtime
-        collate = sft_collate(self._tokenizer.pad_id, self._ignore_index)
-        self._dataloader = distributed.build_dataloader(
-            build_dataset(cfg.dataset, self._tokenizer),
-            batch_size=cfg.batch_size,
-            collate_fn=collate,
-            shuffle=cfg.shuffle,
-            seed=self.seed,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            drop_last=True,
+        self._dataloader, self._val_dataloader = rank_loaders(
+            cfg, self._tokenizer, self._ignore_index, self.seed, runtime.rank, runtime.world_size
         )
-        steps = len(self._dataloader) // self._accumulation
-        if cfg.max_steps_per_epoch is not None:
-            steps = min(steps, int(cfg.max_steps_per_epoch))
-        if steps == 0:
-            raise ValueError(
-                f"the dataset gives {len(self._dataloader)} batches of batch_size "
-                f"{cfg.batch_size} per rank, fewer than gradient_accumulation_steps = "
-                f"{self._accumulation}: lower batch_size or gradient_accumulation_steps"
-            )
-        self._steps_per_epoch = steps
-        self._val_dataloader = None
-        if cfg.validation_dataset is not None:
-            self._val_dataloader = distributed.build_dataloader(
-                build_dataset(cfg.validation_dataset, self._tokenizer),
-                batch_size=cfg.validation_batch_size,
-                collate_fn=collate,
-                shuffle=False,
-                seed=self.seed,
-                rank=runtime.rank,
-                world_size=runtime.world_size,
-                drop_last=False,
-            )
+        teacher_cache.check_num_samples(self._teacher_cache, self._dataloader.dataset)
+        self._steps_per_epoch = steps_per_epoch(
+            len(self._dataloader), cfg.batch_size, self._accumulation, cfg.max_steps_per_epoch
+        )
+
+    def _progress(self) -> dict[str, int]:
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "steps_in_epoch": self.steps_in_epoch,
+        }
 
     def _run_invariants(self) -> dict[str, Any]:
-        cfg = self._cfg
         return {
             "seed": self.seed,
-            "batch_size": int(cfg.batch_size),
+            "batch_size": int(self._cfg.batch_size),
             "gradient_accumulation_steps": self._accumulation,
             "steps_per_epoch": self._steps_per_epoch,
             "world_size": self._runtime.world_size,
@@ -386,19 +273,9 @@ class KDRecipe(FTRecipeInterface):
 
     def _restore_progress(self, resumed: dict[str, Any]) -> None:
         """Progress counters and the data-loader position of a resumed run."""
-        saved, now = resumed["run"], self._run_invariants()
-        for key in _RESUME_INVARIANTS:
-            if saved[key] != now[key]:
-                raise ValueError(
-                    f"cannot resume exactly: {key} was {saved[key]} in the checkpoint and is "
-                    f"{now[key]} now; resume with the checkpoint's settings (batch_size, "
-                    "gradient_accumulation_steps, max_steps_per_epoch, seed, process count)"
-                )
-        progress = resumed["progress"]
-        self.global_step = progress["global_step"]
-        self.epoch, self.steps_in_epoch = progress["epoch"], progress["steps_in_epoch"]
-        if self.steps_in_epoch >= self._steps_per_epoch:  # saved at the end of an epoch
-            self.epoch, self.steps_in_epoch = self.epoch + 1, 0
+        self.global_step, self.epoch, self.steps_in_epoch = ckpt.resumed_progress(
+            resumed, self._run_invariants(), self._steps_per_epoch
+        )
         if self.steps_in_epoch > 0:
             self._dataloader.load_state_dict(resumed["dataloader"])
 
@@ -408,59 +285,54 @@ class KDRecipe(FTRecipeInterface):
     def accumulate_gradients(self, micro_batches: list[dict[str, Tensor]]) -> dict[str, Any]:
         """Forward and backward over one optimizer step's micro-batches (no optimizer step).
 
-        Every micro-batch loss is divided by the step's total target-token count, so the
-        accumulated gradient is the gradient of the step's mean loss.
-
         Returns:
             ``{"loss", "ce_loss", "kd_loss"}`` (step means; ``kd_loss`` None without a
-            teacher) and ``"num_tokens"`` (the step's target tokens over all ranks).
+            teacher) and ``"num_tokens"`` (the step's target tokens over all ranks), as Python
+            numbers (one host sync; the training loop reads them only when it logs).
         """
-        device = self._runtime.device
-        batches = [batch_to_device(batch, device) for batch in micro_batches]
-        labels = [shift_labels(batch["labels"], self._ignore_index) for batch in batches]
-        num_tokens = distributed.all_reduce_sum(count_loss_tokens(labels, self._ignore_index))
+        return self._accumulate(micro_batches).to_host()
+
+    def _accumulate(self, micro_batches: list[dict[str, Tensor]]) -> StepLosses:
+        """The KD step: every micro-batch loss is its token sum divided by the step's target
+        token count (all micro-batches, all ranks), so the accumulated gradient is the gradient
+        of the step's mean loss. No host sync: the results stay on the device."""
+        batches = [batch_to_device(batch, self._runtime.device) for batch in micro_batches]
+        labels = [
+            shift_labels(b["labels"], self._ignore_index, b.get("input_pos")) for b in batches
+        ]
+        num_tokens = process_group.all_reduce_sum(count_loss_tokens(labels, self._ignore_index))
         parts: list[MicroBatchLoss] = []
-        for batch, shifted in zip(batches, labels):
-            part = self._loss_step(
-                self._student, self._teacher, batch["tokens"], shifted, num_tokens
+        for index, (batch, shifted) in enumerate(zip(batches, labels)):
+            # FSDP2 reduce-scatters the gradients once, in the last micro-batch's backward.
+            parallel.set_gradient_sync(self._student, index == len(batches) - 1)
+            teacher = teacher_cache.teacher_view(
+                self._teacher, self._teacher_cache, batch, shifted, self._ignore_index
             )
+            with self._offload_activations:
+                part = self._loss_step(
+                    self._student,
+                    teacher,
+                    batch["tokens"],
+                    shifted,
+                    num_tokens,
+                    **model_inputs(batch),
+                )
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))
-        return self._step_losses(parts, num_tokens)
+        return StepLosses.summed(parts, num_tokens)
 
-    def _step_losses(self, parts: list[MicroBatchLoss], num_tokens: Tensor) -> dict[str, Any]:
-        """Sum the micro-batch terms (each already divided by the step's count) over ranks."""
-        has_kd = parts[0].kd is not None
-        no_kd = torch.zeros((), device=parts[0].loss.device)
-        local = torch.stack(
-            [
-                torch.stack([p.loss.float() for p in parts]).sum(),
-                torch.stack([p.ce.float() for p in parts]).sum(),
-                torch.stack([p.kd.float() for p in parts]).sum() if has_kd else no_kd,
-            ]
-        )
-        total = distributed.all_reduce_sum(local).tolist()
-        return {
-            "loss": total[0],
-            "ce_loss": total[1],
-            "kd_loss": total[2] if has_kd else None,
-            "num_tokens": int(num_tokens.item()),
-        }
-
-    def _optimizer_step(self) -> float:
-        """Clip (if configured), step optimizer and scheduler; return the pre-clip grad norm.
-
-        The norm covers every rank's gradient shards (the same value on every rank).
-        """
+    def _optimizer_step(self) -> Tensor:
+        """Clip (if configured), step optimizer and scheduler; return the pre-clip grad norm
+        (0-dim, on the device; the same value on every rank: it covers every rank's shards)."""
         max_norm = self._cfg.clip_grad_norm
-        grad_norm = distributed.clip_grad_norm_(
+        grad_norm = parallel.clip_grad_norm_(
             self._student, max_norm=float(max_norm) if max_norm is not None else math.inf
         )
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
-        return float(grad_norm.item())
+        return grad_norm
 
     def _stop_requested(self) -> bool:
         stop = self._cfg.stop_after_steps
@@ -475,6 +347,8 @@ class KDRecipe(FTRecipeInterface):
             disable=not self._runtime.is_main,
             dynamic_ncols=True,
         )
+        self._step_log.progress = progress
+        self._profiler.start()
         validated_at = saved_at = -1
         while self.epoch < int(cfg.epochs) and not self._stop_requested():
             self._dataloader.sampler.set_epoch(self.epoch)
@@ -484,6 +358,7 @@ class KDRecipe(FTRecipeInterface):
                 if micro_batches is None:
                     break
                 self._train_step(micro_batches, progress)
+                self._profiler.step()
                 if self._due(cfg.validate_every_n_steps):
                     self._validate()
                     validated_at = self.global_step
@@ -493,6 +368,9 @@ class KDRecipe(FTRecipeInterface):
                     saved_at = self.global_step
             if self.steps_in_epoch >= self._steps_per_epoch:
                 self.epoch, self.steps_in_epoch = self.epoch + 1, 0
+        self._profiler.stop()
+        self._step_log.flush()
+        self._step_log.progress = None
         progress.close()
         finished = self.epoch >= int(cfg.epochs)
         if finished and validated_at != self.global_step:
@@ -504,47 +382,27 @@ class KDRecipe(FTRecipeInterface):
         return every is not None and self.global_step % every == 0
 
     def _train_step(self, micro_batches: list[dict[str, Tensor]], progress: tqdm) -> None:
+        """One optimizer step; its record waits, on the device, for the next logging step."""
         started = time.perf_counter()
-        losses = self.accumulate_gradients(micro_batches)
+        losses = self._accumulate(micro_batches)
         lr = self._optimizer.param_groups[0]["lr"]
         grad_norm = self._optimizer_step()
         self.global_step += 1
         self.steps_in_epoch += 1
-        seconds = time.perf_counter() - started
-        peaks = distributed.gather_from_ranks(distributed.peak_memory_gib(self._runtime.device))
-        record = {
-            "kind": "train",
-            "step": self.global_step,
-            "epoch": self.epoch,
-            **losses,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_second": losses["num_tokens"] / seconds,
-            "step_seconds": seconds,
-            "peak_memory_gib": max(peaks),
-        }
-        self._metrics.write(record)
-        progress.update(1)
-        if self.global_step % self._cfg.log_every_n_steps == 0:
-            self._metrics.write(
-                {"kind": "memory", "step": self.global_step, "peak_memory_gib": peaks}
+        self._step_log.add(
+            PendingStep(
+                step=self.global_step,
+                epoch=self.epoch,
+                lr=lr,
+                seconds=time.perf_counter() - started,
+                peak_memory_gib=peak_memory_gib(self._runtime.device),
+                losses=losses,
+                grad_norm=grad_norm,
             )
-            progress.set_postfix(
-                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}"
-            )
-            self._log_to_metric_logger(record, prefix="")
-
-    def _log_to_metric_logger(self, record: dict[str, Any], prefix: str) -> None:
-        if self._metric_logger is None:
-            return
-        payload = {
-            f"{prefix}{key}": value
-            for key, value in record.items()
-            if key not in ("kind", "step") and isinstance(value, int | float)
-        }
-        self._metric_logger.log_dict(payload, step=self.global_step)
+        )
 
     def _validate(self) -> None:
+        self._step_log.flush()
         if self._val_dataloader is None:
             return
         result = validate(
@@ -559,7 +417,7 @@ class KDRecipe(FTRecipeInterface):
         )
         record = {"kind": "val", "step": self.global_step, "epoch": self.epoch, **vars(result)}
         self._metrics.write(record)
-        self._log_to_metric_logger(record, prefix="val_")
+        self._step_log.to_metric_logger(record, prefix="val_")
         if self._runtime.is_main:
             log.info(f"validation at step {self.global_step}: {vars(result)}")
 
@@ -577,90 +435,51 @@ class KDRecipe(FTRecipeInterface):
         Returns:
             The checkpoint folder on rank 0, None on the other ranks.
         """
+        self._step_log.flush()
         adapter_only = self._is_lora and bool(self._cfg.save_adapter_weights_only)
         # Collectives: every rank gathers, rank 0 receives.
-        state = distributed.gather_full_state_dict(self._student, trainable_only=adapter_only)
-        optimizer_state = distributed.gather_full_optimizer_state_dict(
+        state = state_dicts.gather_full_state_dict(self._student, trainable_only=adapter_only)
+        optimizer_state = state_dicts.gather_full_optimizer_state_dict(
             self._student, self._optimizer
         )
-        rng = distributed.gather_objects(ckpt.capture_rng_state(self._runtime.device))
+        rng = process_group.gather_objects(ckpt.capture_rng_state(self._runtime.device))
         folder = None
         if self._runtime.is_main:
-            folder = self._write_checkpoint(state, optimizer_state, rng, adapter_only, final)
+            folder = ckpt.save_step_checkpoint(
+                self._output_dir,
+                self.global_step,
+                checkpointer=self._checkpointer,
+                weights=ckpt.weights_to_save(
+                    self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
+                ),
+                adapter_only=adapter_only,
+                training_state={
+                    "optimizer": optimizer_state,
+                    # Rank 0's loader position serves all ranks (same batch of each shard).
+                    "dataloader": self._dataloader.state_dict(),
+                    "rng": rng,  # one entry per rank
+                    "run": self._run_invariants(),
+                    "progress": self._progress(),
+                },
+                manifest={
+                    "kdtune_version": __version__,
+                    "final": final,
+                    "epoch": self.epoch,
+                    "steps_in_epoch": self.steps_in_epoch,
+                    "total_steps": self._total_steps,
+                    "student": "lora" if self._is_lora else "full",
+                    "merged_weights": not adapter_only,
+                    "world_size": self._runtime.world_size,
+                },
+                keep_last=self._cfg.keep_last_n_checkpoints,
+            )
         del state, optimizer_state
-        distributed.barrier()  # no rank goes on, or ends, before the checkpoint is complete
+        process_group.barrier()  # no rank goes on, or ends, before the checkpoint is complete
         return folder
-
-    def _write_checkpoint(
-        self,
-        state: dict[str, Tensor],
-        optimizer_state: dict[str, Any],
-        rng: list[dict[str, Any]],
-        adapter_only: bool,
-        final: bool,
-    ) -> Path:
-        training_state = {
-            "optimizer": optimizer_state,
-            # Every rank is at the same batch of its shard, and the loader's state holds no
-            # rank, so rank 0's position serves all ranks (for the same process count).
-            "dataloader": self._dataloader.state_dict(),
-            "rng": rng,  # one entry per rank
-            "run": self._run_invariants(),
-            "progress": {
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "steps_in_epoch": self.steps_in_epoch,
-            },
-        }
-        manifest = {
-            "kdtune_version": __version__,
-            "final": final,
-            "epoch": self.epoch,
-            "steps_in_epoch": self.steps_in_epoch,
-            "total_steps": self._total_steps,
-            "student": "lora" if self._is_lora else "full",
-            "merged_weights": not adapter_only,
-            "world_size": self._runtime.world_size,
-        }
-        weights = self._weights_to_save(state, adapter_only)
-        folder = ckpt.save_checkpoint_folder(
-            self._output_dir,
-            self.global_step,
-            lambda staging: ckpt.write_hf_weights(
-                self._checkpointer, weights, staging, adapter_only
-            ),
-            training_state,
-            manifest,
-        )
-        ckpt.prune_checkpoints(self._output_dir, self._cfg.keep_last_n_checkpoints)
-        log.info(f"saved checkpoint {folder}")
-        return folder
-
-    def _weights_to_save(self, state: dict[str, Tensor], adapter_only: bool) -> dict[str, Any]:
-        """The checkpointer's input: full weights, or adapter (+ merged) weights for LoRA.
-
-        ``state`` is the full state dict, or only the adapters when ``adapter_only``.
-        """
-        if not self._is_lora:
-            return {training.MODEL_KEY: state}
-        rank, alpha = lora_rank_and_alpha(self._student)
-        weights: dict[str, Any] = {
-            training.ADAPTER_KEY: get_adapter_state_dict(state),
-            training.ADAPTER_CONFIG: {
-                "r": rank,
-                "lora_alpha": alpha,
-                "target_modules": lora_target_modules(self._student),
-                "peft_type": "LORA",
-                "use_dora": is_dora(self._student),
-            },
-        }
-        if not adapter_only:
-            # get_merged_lora_ckpt merges in place; the gathered dict is ours alone.
-            weights[training.MODEL_KEY] = get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
-        return weights
 
     def cleanup(self) -> None:
-        if self._metric_logger is not None:
+        """Close the metric logger (also after a failed setup)."""
+        if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
 
 
@@ -672,11 +491,16 @@ def recipe_main(cfg: DictConfig) -> None:
     the recipe starts it and this ends it (barrier, then ``destroy_process_group``).
     """
     recipe = KDRecipe(cfg=cfg)
-    config.log_config(recipe_name="KDRecipe", cfg=cfg)  # rank 0 only, once the group exists
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
-    distributed.teardown()
+    finished = False
+    try:
+        config.log_config(recipe_name="KDRecipe", cfg=cfg)  # rank 0 only, once the group exists
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        finished = True
+    finally:
+        recipe.cleanup()
+        # After a failure no barrier: the other ranks may never reach it.
+        process_group.teardown(wait_for_all=finished)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ Fixtures (session scope, built once per test session under pytest's tmp folder):
   special-token ids), seed 0. Building it takes a few seconds (about 200 MB of fp32 weights).
 
 Use them read-only: tests that write (checkpoints, outputs) write to their own ``tmp_path``.
+
+* ``launch``: :class:`Launcher`: ``launch.torchrun(worker, *args, cwd=...)`` runs a worker of
+  ``tests/dist_workers/`` in 2 processes, ``launch.run(command, cwd=...)`` any multi-process
+  command (``kdtune run`` / ``tune run --nproc_per_node 2``); a failure fails the test with the
+  output tails.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "huggingface")
 os.environ["TIKTOKEN_CACHE_DIR"] = ""
 
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -89,3 +95,58 @@ def kdtune_run(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, list[str]], No
         assert exit_info.value.code in (0, None)
 
     return run
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+"""Two local processes. ``--standalone`` rendezvous on port 0: the OS picks a free port, so
+parallel launches cannot race for one."""
+
+LAUNCH_TIMEOUT_S = 1200
+"""Generous: a 2-process launch takes 10-60 s on an idle 2-core machine, several times that
+when other processes keep both cores busy; a hang still ends in a failure with the output."""
+
+
+class Launcher:
+    """Runs multi-process commands, one intra-op thread per process (2 processes on 2 cores),
+    and fails the calling test with the output tails if one exits non-zero or hangs."""
+
+    def torchrun(self, script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        """``python -m torch.distributed.run --standalone --nproc_per_node 2 script args``."""
+        return self.run([*TORCHRUN, str(script), *args], cwd=cwd)
+
+    def run(self, command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        try:
+            proc = subprocess.run(
+                command,
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=LAUNCH_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as expired:
+            pytest.fail(
+                f"{' '.join(command[:8])} ... did not end within {LAUNCH_TIMEOUT_S} s:\n"
+                f"{_tail(expired.stdout, 3000)}\n{_tail(expired.stderr, 8000)}"
+            )
+        if proc.returncode != 0:
+            pytest.fail(
+                f"{' '.join(command[:8])} ... failed ({proc.returncode}):\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+            )
+        return proc
+
+
+@pytest.fixture(scope="session")
+def launch() -> Launcher:
+    """The one launcher of the multi-process tests (workers live in ``tests/dist_workers/``)."""
+    return Launcher()
+
+
+def _tail(output: str | bytes | None, limit: int) -> str:
+    if output is None:
+        return ""
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output
+    return text[-limit:]

@@ -15,7 +15,6 @@ from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 from kdtune.cli.main import main as kdtune_main
 from kdtune.recipes.knowledge_distillation import KDRecipe
 from kdtune.training.config_checks import (
-    RECIPE_KEYS,
     ConfigError,
     ModelFacts,
     check_config,
@@ -24,6 +23,7 @@ from kdtune.training.config_checks import (
     describe_model,
     tokenizer_max_id,
 )
+from kdtune.training.config_schema import FIELDS, is_required, markdown_table, with_defaults
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -52,15 +52,15 @@ def test_tiny_configs_pass(path, tiny_assets, tmp_path):
     cfg = tiny_config(tiny_assets, tmp_path, name=path.stem)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert check_config(cfg) == []
+        check_config(cfg)  # raises on any problem
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_sets_exactly_the_recipe_keys(path):
-    """No key the recipe reads is left to a default in code, and none is unknown."""
+    """Shipped configs spell out every key (none left to a default), and none is unknown."""
     cfg = OmegaConf.load(path)
     referenced = {"assets_dir"}  # used only through ${assets_dir} interpolation
-    assert set(cfg) - referenced == set(RECIPE_KEYS)
+    assert set(cfg) - referenced == set(FIELDS)
 
 
 # (override, words the message must contain)
@@ -79,6 +79,11 @@ BAD_VALUES = [
     (["kd_ratioo=0.3"], ["unknown key 'kd_ratioo'", "did you mean 'kd_ratio'"]),
     (["kd_loss.temprature=2.0"], ["kd_loss.temprature", "did you mean 'temperature'"]),
     (["optimizer.weight_decy=0.1"], ["optimizer.weight_decy", "did you mean 'weight_decay'"]),
+    # values only the component itself can judge: reported by building it before the models
+    (["optimizer.lr=fast"], ["optimizer: torch.optim.AdamW rejects its options"]),
+    (["optimizer.weight_decay=-1.0"], ["optimizer:", "weight_decay"]),
+    (["kd_loss.topk_mode=sparse"], ["kd_loss:", "topk_mode", "'sparse'"]),
+    (["lr_scheduler.num_warmup_steps=abc"], ["lr_scheduler:", "rejects its options"]),
     (["batch_size=0"], ["batch_size", "0", ">= 1"]),
     (["gradient_accumulation_steps=two"], ["gradient_accumulation_steps", "'two'"]),
     (["teacher_quantization=int4"], ["teacher_quantization", "int4", "int8_weight_only"]),
@@ -103,7 +108,7 @@ BAD_VALUES = [
     (["kd_loss=null"], ["kd_loss is null", "kdtune.losses"]),
     (["loss=null"], ["loss is null", "CEWithChunkedOutputLoss"]),
     (["resume_from_checkpoint=3"], ["resume_from_checkpoint", "3"]),
-    (["dataset.packed=true"], ["dataset.packed", "packed: false"]),
+    (["validation_dataset.packed=true"], ["validation_dataset.packed", "packed: false"]),
 ]
 
 
@@ -125,18 +130,13 @@ def test_bad_value_is_a_config_error_naming_it(overrides, words, tiny_assets, tm
         assert word in str(error.value), (word, str(error.value))
 
 
-def test_loss_without_num_tokens_is_refused(tiny_assets, tmp_path):
-    """torchtune's own KD losses normalise per micro-batch: refused, pointing at ours."""
+def test_loss_without_num_tokens_or_ignore_index_is_refused(tiny_assets, tmp_path):
+    """A mean that cannot be rescaled to the step's token count is refused."""
     cfg = tiny_config(tiny_assets, tmp_path)
-    cfg.kd_loss = OmegaConf.create(
-        {
-            "_component_": "torchtune.modules.loss.ForwardKLWithChunkedOutputLoss",
-            "num_output_chunks": 4,
-        }
-    )
+    cfg.loss = OmegaConf.create({"_component_": "torch.nn.MSELoss"})
     with pytest.raises(ConfigError) as error:
         check_config(cfg)
-    assert "kd_loss._component_" in str(error.value) and "num_tokens" in str(error.value)
+    assert "loss._component_" in str(error.value) and "num_tokens" in str(error.value)
 
 
 def test_fused_loss_with_a_separate_ce_loss_is_refused(tiny_assets, tmp_path):
@@ -153,11 +153,53 @@ def test_several_problems_are_reported_together(tiny_assets, tmp_path):
     assert "3 config problem(s)" in str(error.value)
 
 
-def test_missing_key_names_it(tiny_assets, tmp_path):
+def test_missing_required_key_names_it(tiny_assets, tmp_path):
     cfg = tiny_config(tiny_assets, tmp_path)
-    del cfg["clip_grad_norm"]
-    with pytest.raises(ConfigError, match="missing key 'clip_grad_norm'"):
+    del cfg["batch_size"]
+    with pytest.raises(ConfigError, match="missing key 'batch_size'"):
         check_config(cfg)
+
+
+def test_missing_optional_keys_take_their_documented_defaults(tiny_assets, tmp_path):
+    cfg = tiny_config(tiny_assets, tmp_path)
+    optional = [name for name in FIELDS if not is_required(name)]
+    for name in optional:
+        del cfg[name]
+    check_config(cfg)  # raises on a problem
+    filled = with_defaults(cfg)
+    assert set(filled) - {"assets_dir"} == set(FIELDS)
+    assert "clip_grad_norm" not in cfg  # the input is left alone
+    assert filled.clip_grad_norm is None and filled.kd_ratio == 0.5
+    assert filled.gradient_accumulation_steps == 1 and filled.fsdp_reshard_after_forward is True
+
+
+def test_every_problem_is_reported_at_once(tiny_assets, tmp_path):
+    """Schema problems (type, range, choice, missing) and component problems, one error."""
+    cfg = tiny_config(
+        tiny_assets, tmp_path, "seed=-1", "shuffle=3", "device=tpu", "kd_loss.temprature=2.0"
+    )
+    del cfg["epochs"]
+    with pytest.raises(ConfigError) as error:
+        check_config(cfg)
+    message = str(error.value)
+    assert "5 config problem(s)" in message
+    for words in ("seed = -1", "shuffle = 3", "device = 'tpu'", "missing key 'epochs'"):
+        assert words in message, words
+    assert "did you mean 'temperature'" in message
+
+
+def test_check_config_leaves_its_input_alone(tiny_assets, tmp_path):
+    cfg = tiny_config(tiny_assets, tmp_path)
+    OmegaConf.update(cfg, "teacher_model._component_", None, merge=True)
+    before = OmegaConf.to_yaml(cfg)
+    with pytest.raises(ConfigError, match="teacher_model is null"):
+        check_config(cfg)
+    assert OmegaConf.to_yaml(cfg) == before
+
+
+def test_readme_key_table_is_the_schema():
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    assert markdown_table() in readme
 
 
 def test_config_error_comes_before_any_model_is_built(tiny_assets, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Tests of ``kdtune.training.distributed``: FSDP2 on CPU/gloo with 2 processes, and the
+"""Tests of the process group, per-layer parallelism and state dicts (``kdtune.training.{process_group,parallel,state_dicts}``): FSDP2 on CPU/gloo with 2 processes, and the
 single-process behaviour of every function (the recipe calls the same functions either way).
 
 The multi-process checks run in ONE torchrun launch (``tests/dist_workers/fsdp_checks.py``);
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,7 +23,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torchtune.models.llama3 import llama3, lora_llama3
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import distributed as kd_dist
+from kdtune.training import data, metrics, parallel, process_group, state_dicts
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_workers" / "fsdp_checks.py"
@@ -84,29 +81,11 @@ def tiny_llama_parameter_count() -> int:
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+def fsdp(tmp_path_factory: pytest.TempPathFactory, launch) -> tuple[dict[str, Any], Path]:
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("this torch build has no torch.distributed gloo backend")
     out = tmp_path_factory.mktemp("fsdp_checks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
+    launch.torchrun(WORKER, "--out", str(out), cwd=REPO)
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -171,11 +150,11 @@ def test_two_rank_checkpoint_resumes_in_one_process(fsdp):
     saved = torch.load(fsdp[1] / "resume.pt", weights_only=True)
     with torch.device("meta"):
         model = tiny_llama(seed=None)
-    kd_dist.load_full_state_dict(
+    state_dicts.load_full_state_dict(
         model, saved["model"], device="cpu", strict=True, broadcast_from_rank0=True
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    kd_dist.load_full_optimizer_state_dict(
+    state_dicts.load_full_optimizer_state_dict(
         model, optimizer, saved["optimizer"], broadcast_from_rank0=True
     )
     mean_ce(model, saved["tokens"], saved["labels"]).backward()
@@ -235,14 +214,12 @@ def test_lora_student_shards_loads_base_and_gathers_adapters(fsdp):
 def test_init_distributed_without_torchrun_is_a_single_process(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    info = kd_dist.init_distributed("cpu")
-    assert info == kd_dist.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    assert info.is_main
-    assert not kd_dist.is_distributed()
-    assert kd_dist.world_size_and_rank() == (1, 0)
-    assert kd_dist.is_main_process()
-    kd_dist.barrier()
-    kd_dist.teardown()
+    assert process_group.init_distributed("cpu") == (0, 1, torch.device("cpu"))
+    assert not process_group.is_distributed()
+    assert process_group.world_size_and_rank() == (1, 0)
+    assert process_group.is_main_process()
+    process_group.barrier()
+    process_group.teardown()
 
 
 def test_init_distributed_refuses_one_gpu_index_for_several_processes(monkeypatch):
@@ -250,23 +227,23 @@ def test_init_distributed_refuses_one_gpu_index_for_several_processes(monkeypatc
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ValueError, match="cuda:1"):
-        kd_dist.init_distributed("cuda:1")
+        process_group.init_distributed("cuda:1")
 
 
 def test_all_reduce_sum_and_gather_from_ranks_single_process():
     value = torch.tensor([1.5, 2.0], requires_grad=True)
-    summed = kd_dist.all_reduce_sum(value)
+    summed = process_group.all_reduce_sum(value)
     assert torch.equal(summed, value.detach())
     assert summed is not value and not summed.requires_grad
     summed += 1
     assert torch.equal(value.detach(), torch.tensor([1.5, 2.0]))
-    assert kd_dist.gather_from_ranks(3.25) == [3.25]
+    assert process_group.gather_from_ranks(3.25) == [3.25]
 
 
 def test_shard_model_single_process_only_freezes_a_teacher():
     model = tiny_llama()
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    kd_dist.shard_model(
+    parallel.shard_model(
         model,
         trainable=True,
         reshard_after_forward=True,
@@ -275,7 +252,7 @@ def test_shard_model_single_process_only_freezes_a_teacher():
         reduce_dtype=None,
     )
     assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
-    kd_dist.shard_model(
+    parallel.shard_model(
         model,
         trainable=False,
         reshard_after_forward=False,
@@ -285,7 +262,7 @@ def test_shard_model_single_process_only_freezes_a_teacher():
     )
     assert not any(p.requires_grad for p in model.parameters())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
-    assert kd_dist.local_parameter_bytes(model) == tiny_llama_parameter_count() * 4
+    assert parallel.local_parameter_bytes(model) == tiny_llama_parameter_count() * 4
 
 
 def test_transformer_layers_are_the_outermost_layers_entries():
@@ -300,13 +277,13 @@ def test_transformer_layers_are_the_outermost_layers_entries():
             self.decoder = nn.Module()
             self.decoder.layers = nn.ModuleList([Block(), Block()])
 
-    names = [name for name, _ in kd_dist.transformer_layers(Model())]
+    names = [name for name, _ in parallel.transformer_layers(Model())]
     assert names == ["decoder.layers.0", "decoder.layers.1"]
 
 
 def test_shard_model_requires_transformer_layers():
     with pytest.raises(ValueError, match="layers"):
-        kd_dist.shard_model(
+        parallel.shard_model(
             nn.Linear(2, 2),
             trainable=True,
             reshard_after_forward=True,
@@ -315,7 +292,7 @@ def test_shard_model_requires_transformer_layers():
             reduce_dtype=None,
         )
     with pytest.raises(ValueError, match="layers"):
-        kd_dist.apply_activation_checkpointing(nn.Linear(2, 2))
+        parallel.apply_activation_checkpointing(nn.Linear(2, 2))
 
 
 def test_load_full_state_dict_materialises_a_meta_model():
@@ -324,7 +301,7 @@ def test_load_full_state_dict_materialises_a_meta_model():
     snapshot = dict(full_sd)
     with torch.device("meta"):
         model = tiny_llama(seed=None)
-    keys = kd_dist.load_full_state_dict(
+    keys = state_dicts.load_full_state_dict(
         model, full_sd, device="cpu", strict=True, broadcast_from_rank0=True
     )
     assert keys.missing_keys == [] and keys.unexpected_keys == []
@@ -338,20 +315,22 @@ def test_load_full_state_dict_materialises_a_meta_model():
 def test_materialize_refuses_a_partly_meta_model_and_skips_a_real_one():
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    kd_dist.materialize_meta_model(model, "cpu")  # nothing on meta: untouched
+    state_dicts.materialize_meta_model(model, "cpu")  # nothing on meta: untouched
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     with torch.device("meta"):
         model.output = nn.Linear(DIMS["embed_dim"], VOCAB, bias=False)
     with pytest.raises(ValueError, match=r"1 of \d+ parameters/buffers are on the meta device"):
-        kd_dist.materialize_meta_model(model, "cpu")
+        state_dicts.materialize_meta_model(model, "cpu")
 
 
 def test_state_dict_key_strips_wrapper_prefixes():
     assert (
-        kd_dist.state_dict_key("layers.0._checkpoint_wrapped_module._orig_mod.attn.q_proj.weight")
+        state_dicts.state_dict_key(
+            "layers.0._checkpoint_wrapped_module._orig_mod.attn.q_proj.weight"
+        )
         == "layers.0.attn.q_proj.weight"
     )
-    assert kd_dist.state_dict_key("tok_embeddings.weight") == "tok_embeddings.weight"
+    assert state_dicts.state_dict_key("tok_embeddings.weight") == "tok_embeddings.weight"
 
 
 def test_load_full_state_dict_strict_and_lenient_key_checks():
@@ -361,15 +340,15 @@ def test_load_full_state_dict_strict_and_lenient_key_checks():
     with pytest.raises(
         ValueError, match=r"missing \['norm.scale'\].*unexpected \['extra.weight'\]"
     ):
-        kd_dist.load_full_state_dict(
+        state_dicts.load_full_state_dict(
             tiny_llama(), full_sd, device="cpu", strict=True, broadcast_from_rank0=False
         )
-    keys = kd_dist.load_full_state_dict(
+    keys = state_dicts.load_full_state_dict(
         tiny_llama(), full_sd, device="cpu", strict=False, broadcast_from_rank0=False
     )
     assert keys.missing_keys == ["norm.scale"] and keys.unexpected_keys == ["extra.weight"]
     with pytest.raises(ValueError, match="full_state_dict is None"):
-        kd_dist.load_full_state_dict(
+        state_dicts.load_full_state_dict(
             tiny_llama(), None, device="cpu", strict=True, broadcast_from_rank0=True
         )
 
@@ -378,7 +357,7 @@ def test_load_full_state_dict_casts_to_the_model_dtype():
     full_sd = tiny_llama().state_dict()
     with torch.device("meta"):
         model = tiny_llama(seed=None).to(torch.bfloat16)
-    kd_dist.load_full_state_dict(
+    state_dicts.load_full_state_dict(
         model, full_sd, device="cpu", strict=True, broadcast_from_rank0=False
     )
     for key, value in model.state_dict().items():
@@ -391,27 +370,27 @@ def test_lora_meta_load_initialises_adapters_and_gathers_them():
     with torch.device("meta"):
         lora = lora_llama3(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, **DIMS)
     set_trainable_params(lora, get_adapter_params(lora))
-    keys = kd_dist.load_full_state_dict(
+    keys = state_dicts.load_full_state_dict(
         lora, base.state_dict(), device="cpu", strict=False, broadcast_from_rank0=True
     )
     assert keys.missing_keys and all(".lora_" in k for k in keys.missing_keys)
     tokens, _ = tokens_and_labels(1)
     with torch.no_grad():
         torch.testing.assert_close(lora(tokens), base(tokens), atol=1e-6, rtol=0)
-    adapters = kd_dist.gather_full_state_dict(lora, trainable_only=True)
+    adapters = state_dicts.gather_full_state_dict(lora, trainable_only=True)
     assert sorted(adapters) == sorted(keys.missing_keys)
     assert all(v.abs().sum() > 0 for k, v in adapters.items() if "lora_a" in k)  # initialised
 
 
 def test_gather_full_state_dict_single_process_is_a_detached_copy():
     model = tiny_llama()
-    gathered = kd_dist.gather_full_state_dict(model, trainable_only=False)
+    gathered = state_dicts.gather_full_state_dict(model, trainable_only=False)
     assert sorted(gathered) == sorted(model.state_dict())
     before = gathered["output.weight"].clone()
     with torch.no_grad():
         model.output.weight.add_(1.0)
     assert torch.equal(gathered["output.weight"], before)
-    assert kd_dist.gather_full_state_dict(tiny_lora(), trainable_only=True).keys() == {
+    assert state_dicts.gather_full_state_dict(tiny_lora(), trainable_only=True).keys() == {
         f"layers.{i}.attn.{p}.lora_{ab}.weight"
         for i in (0, 1)
         for p in ("q_proj", "v_proj")
@@ -431,8 +410,8 @@ def test_optimizer_state_round_trip_single_process_resumes_bitwise():
     mean_ce(model, tokens, labels).backward()
     optimizer.step()
     optimizer.zero_grad()
-    saved_model = kd_dist.gather_full_state_dict(model, trainable_only=False)
-    saved_optim = kd_dist.gather_full_optimizer_state_dict(model, optimizer)
+    saved_model = state_dicts.gather_full_state_dict(model, trainable_only=False)
+    saved_optim = state_dicts.gather_full_optimizer_state_dict(model, optimizer)
     step_before = saved_optim["state"]["output.weight"]["step"].clone()
     exp_avg_before = saved_optim["state"]["output.weight"]["exp_avg"].clone()
     mean_ce(model, next_tokens, next_labels).backward()
@@ -442,11 +421,11 @@ def test_optimizer_state_round_trip_single_process_resumes_bitwise():
     assert torch.equal(saved_optim["state"]["output.weight"]["exp_avg"], exp_avg_before)
 
     resumed = tiny_llama(seed=9)
-    kd_dist.load_full_state_dict(
+    state_dicts.load_full_state_dict(
         resumed, saved_model, device="cpu", strict=True, broadcast_from_rank0=False
     )
     resumed_optimizer = make(resumed)
-    kd_dist.load_full_optimizer_state_dict(
+    state_dicts.load_full_optimizer_state_dict(
         resumed, resumed_optimizer, saved_optim, broadcast_from_rank0=False
     )
     mean_ce(resumed, next_tokens, next_labels).backward()
@@ -462,7 +441,7 @@ def test_clip_grad_norm_single_process_matches_torch():
     model, reference = tiny_llama(), tiny_llama()
     mean_ce(model, tokens, labels).backward()
     mean_ce(reference, tokens, labels).backward()
-    norm = kd_dist.clip_grad_norm_(model, 0.1)
+    norm = parallel.clip_grad_norm_(model, 0.1)
     expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
     assert norm.dtype == torch.float32 and norm.dim() == 0
     torch.testing.assert_close(norm, expected)
@@ -473,8 +452,8 @@ def test_clip_grad_norm_single_process_matches_torch():
 def test_activation_checkpointing_keeps_names_and_gradients():
     tokens, labels = tokens_and_labels(5)
     model, reference = tiny_llama(), tiny_llama()
-    kd_dist.apply_activation_checkpointing(model)
-    kd_dist.apply_activation_checkpointing(model)  # idempotent
+    parallel.apply_activation_checkpointing(model)
+    parallel.apply_activation_checkpointing(model)  # idempotent
     assert all(isinstance(layer, CheckpointWrapper) for layer in model.layers)
     assert not any(
         isinstance(layer._checkpoint_wrapped_module, CheckpointWrapper) for layer in model.layers
@@ -482,7 +461,7 @@ def test_activation_checkpointing_keeps_names_and_gradients():
     assert sorted(model.state_dict()) == sorted(reference.state_dict())
     mean_ce(model, tokens, labels).backward()
     mean_ce(reference, tokens, labels).backward()
-    grads = {kd_dist.state_dict_key(n): p.grad for n, p in model.named_parameters()}
+    grads = {state_dicts.state_dict_key(n): p.grad for n, p in model.named_parameters()}
     for name, param in reference.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, atol=1e-7, rtol=0)
 
@@ -490,7 +469,7 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 def test_apply_compile_per_layer_keeps_outputs():
     tokens, _ = tokens_and_labels(6)
     model, reference = tiny_llama(), tiny_llama()
-    kd_dist.apply_compile(model, backend="eager")
+    parallel.apply_compile(model, backend="eager")
     assert all(layer._compiled_call_impl is not None for layer in model.layers)
     assert sorted(model.state_dict()) == sorted(reference.state_dict())
     with torch.no_grad():
@@ -499,7 +478,7 @@ def test_apply_compile_per_layer_keeps_outputs():
 
 
 def test_peak_memory_gib_cpu_is_the_process_peak_rss():
-    gib = kd_dist.peak_memory_gib("cpu")
+    gib = metrics.peak_memory_gib("cpu")
     # ru_maxrss (kB on Linux) is another view of the same high-water mark.
     rusage_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
     assert gib > 0.05
@@ -512,7 +491,7 @@ def test_peak_memory_gib_cpu_is_the_process_peak_rss():
 
 
 def _loader(dataset, rank, world_size, *, batch_size=2, shuffle=True, seed=7, drop_last=False):
-    return kd_dist.build_dataloader(
+    return data.build_dataloader(
         dataset,
         batch_size=batch_size,
         collate_fn=lambda samples: list(samples),

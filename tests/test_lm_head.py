@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -184,29 +181,11 @@ def test_fused_step_gives_the_full_logits_gradient_of_every_parameter(kind):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_two_processes_match_the_unsharded_model(tmp_path: Path):
+def test_fsdp2_two_processes_match_the_unsharded_model(tmp_path: Path, launch):
     """2 gloo processes on CPU: loss and every gathered gradient equal the unsharded model's."""
-    worker = Path(__file__).with_name("_dist_lm_head_worker.py")
+    worker = Path(__file__).parent / "dist_workers" / "lm_head.py"
     result = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(worker),
-            "--out",
-            str(result),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    launch.torchrun(worker, "--out", str(result), cwd=Path(__file__).parents[1])
     layouts = json.loads(result.read_text())["layouts"]
     assert set(layouts) == {
         "torchtune_shard_model",

@@ -19,8 +19,6 @@ Validation covers the same 32 samples (2 ranks x 2 batches of 8; one process: 2 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,9 +31,9 @@ from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training import distributed
 from kdtune.training.checkpointing import latest_checkpoint, load_training_state, read_manifest
 from kdtune.training.config_checks import ConfigError
+from kdtune.training.data import build_dataloader
 from kdtune.training.metrics import MEMORY_FIELDS, SETUP_FIELDS, TRAIN_FIELDS, read_metrics
 from kdtune.training.runtime import SINGLE_PROCESS, sharding_options
 
@@ -62,20 +60,8 @@ SHARED: dict[str, tuple[str, ...]] = {"lora_fused": ("save_adapter_weights_only=
 TOLERANCE = 1e-5  # fp32 loss curves
 
 
-def _launch(command: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400, check=False
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"{' '.join(command[:8])} ... failed ({proc.returncode}):\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
-        )
-
-
 @pytest.fixture(scope="module")
-def two_process(tiny_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_process(tiny_assets, tmp_path_factory: pytest.TempPathFactory, launch) -> Path:
     """Output folders of the 2-process runs: ``<root>/<variant>`` and ``<root>/resumed``."""
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("this torch build has no torch.distributed gloo backend")
@@ -91,6 +77,7 @@ def two_process(tiny_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
                 *options,
                 *SHARED.get(variant, ()),
             ],
+            "count_gradient_reductions": variant == "full_fused",
         }
         for variant, options in VARIANTS.items()
         if variant != "full_chunked"
@@ -100,15 +87,7 @@ def two_process(tiny_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"config": "tiny/full_chunked", "overrides": [*stopped, f"stop_after_steps={STOP_AT}"]}
     )
     (root / "runs.json").write_text(json.dumps(runs))
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    _launch([*torchrun, str(WORKER), "--runs", str(root / "runs.json")], cwd=REPO)
+    launch.torchrun(WORKER, "--runs", str(root / "runs.json"), cwd=REPO)
 
     # From a folder without a kdtune/ of its own, as the README says for `tune run`.
     elsewhere = root / "elsewhere"
@@ -116,11 +95,11 @@ def two_process(tiny_assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
     config_path = REPO / "configs" / "tiny" / "full_chunked.yaml"
     recipe = "kdtune/recipes/knowledge_distillation.py"
     tune = [str(BIN / "tune"), "run", "--nproc_per_node", "2", recipe, "--config", str(config_path)]
-    _launch([*tune, *stopped, "resume_from_checkpoint=true"], cwd=elsewhere)
+    launch.run([*tune, *stopped, "resume_from_checkpoint=true"], cwd=elsewhere)
 
     kdtune = [sys.executable, "-m", "kdtune.cli.main", "run", "--nproc_per_node", "2"]
     run_args = ["knowledge_distillation", "--config", "tiny/full_chunked"]
-    _launch([*kdtune, *run_args, *common, f"output_dir={root / 'full_chunked'}"], cwd=elsewhere)
+    launch.run([*kdtune, *run_args, *common, f"output_dir={root / 'full_chunked'}"], cwd=elsewhere)
     return root
 
 
@@ -227,6 +206,15 @@ def test_each_rank_holds_half_the_parameters(variant, two_process, one_process):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_gradients_are_reduced_only_in_the_last_micro_batch(two_process):
+    """FSDP2 reduce-scatters once per optimizer step (2 micro-batches), not per micro-batch."""
+    counts = json.loads((two_process / "full_fused" / "gradient_reductions.json").read_text())
+    assert len(counts) == 2 * STEPS
+    assert counts[0::2] == [0] * STEPS  # first micro-batches: gradients stay local
+    last = counts[1::2]  # every parameter group reduces once, in the last backward
+    assert min(last) > 0 and len(set(last)) == 1, last
+
+
 def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process):
     straight, resumed = two_process / "full_chunked", two_process / "resumed"
     stopped = resumed / "checkpoints" / f"step_{STOP_AT:07d}"
@@ -319,7 +307,7 @@ def test_ranks_together_read_the_single_process_batches():
     def step_sets(batch_size: int, accumulation: int, world_size: int) -> list[set[int]]:
         per_rank = []
         for rank in range(world_size):
-            loader = distributed.build_dataloader(
+            loader = build_dataloader(
                 dataset,
                 batch_size=batch_size,
                 collate_fn=lambda samples: samples,

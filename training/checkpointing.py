@@ -31,6 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+from torchtune import config, training, utils
+from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
+
+from kdtune.training import process_group
+from kdtune.training.runtime import adapter_parameter_names, student_state_dict
+
+log = utils.get_logger("INFO")
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST_FILENAME = "manifest.json"
@@ -219,13 +227,10 @@ def capture_rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def rank_rng_state(saved: list[dict[str, Any]] | dict[str, Any], rank: int) -> dict[str, Any]:
-    """This rank's generator states from a checkpoint's ``rng`` entry.
-
-    The recipe saves one entry per rank (each rank seeds ``seed + rank``, so their streams
-    differ); a checkpoint of an earlier single-process version holds one dict.
-    """
-    return saved if isinstance(saved, dict) else saved[rank]
+def rank_rng_state(saved: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """This rank's generator states from a checkpoint's ``rng`` entry (one per rank: each rank
+    seeds ``seed + rank``, so their streams differ)."""
+    return saved[rank]
 
 
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
@@ -234,3 +239,200 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume bookkeeping
+# --------------------------------------------------------------------------------------------
+
+RESUME_INVARIANTS = (
+    "seed",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "steps_per_epoch",
+    "world_size",
+)
+"""Settings of a run that must not change across a resume, or the resumed run would not
+continue the same sequence of batches and steps."""
+
+
+def read_resume_state(
+    output_dir: str | Path, resume_from_checkpoint: bool | str, *, is_main: bool
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its training state, or ``(None, None)``.
+
+    Rank 0 alone looks for and reads the checkpoint (the other ranks need neither the files
+    nor the memory of the optimizer state) and shares the rest; an error there is raised on
+    every rank. Only rank 0's state holds ``"optimizer"`` (it broadcasts it when loading). A
+    collective under several processes.
+    """
+    folder = state = shared = error = None
+    if is_main:
+        try:
+            folder = resolve_resume_folder(output_dir, resume_from_checkpoint)
+            state = load_training_state(folder) if folder is not None else None
+        except ValueError as raised:
+            error = raised
+        if state is not None:
+            shared = {key: value for key, value in state.items() if key != "optimizer"}
+    folder, shared, error = process_group.broadcast_object((folder, shared, error))
+    if error is not None:
+        raise error
+    if state is not None:
+        shared["optimizer"] = state["optimizer"]
+    return folder, shared
+
+
+def resumed_progress(
+    resumed: dict[str, Any], now: dict[str, Any], steps_per_epoch: int
+) -> tuple[int, int, int]:
+    """``(global_step, epoch, steps_in_epoch)`` to continue from, after checking that the run's
+    invariants (``now``, keyed by :data:`RESUME_INVARIANTS`) are those of the checkpoint.
+
+    Raises:
+        ValueError: an invariant changed (the resumed run could not continue exactly).
+    """
+    saved = resumed["run"]
+    for key in RESUME_INVARIANTS:
+        if saved[key] != now[key]:
+            raise ValueError(
+                f"cannot resume exactly: {key} was {saved[key]} in the checkpoint and is "
+                f"{now[key]} now; resume with the checkpoint's settings (batch_size, "
+                "gradient_accumulation_steps, max_steps_per_epoch, seed, process count)"
+            )
+    progress = resumed["progress"]
+    epoch, steps_in_epoch = progress["epoch"], progress["steps_in_epoch"]
+    if steps_in_epoch >= steps_per_epoch:  # saved at the end of an epoch
+        epoch, steps_in_epoch = epoch + 1, 0
+    return progress["global_step"], epoch, steps_in_epoch
+
+
+def saved_seed(resumed: dict[str, Any], seed: int | None) -> int:
+    """The checkpoint's seed; ``seed`` (the config's) must be it or None.
+
+    Raises:
+        ValueError: the config asks for another seed.
+    """
+    saved = resumed["run"]["seed"]
+    if seed is not None and seed != saved:
+        raise ValueError(
+            f"seed = {seed} but the checkpoint was trained with seed {saved}: "
+            f"resume with seed={saved} (or null)"
+        )
+    return saved
+
+
+def student_start_state(
+    checkpointer_node: Any,
+    checkpointer: Any,
+    model: nn.Module,
+    resume_folder: Path | None,
+    *,
+    seed: int,
+) -> dict[str, Tensor]:
+    """The student's full state dict to start from (rank 0): the original weights, or a
+    checkpoint's, plus fresh or saved adapters for a LoRA/DoRA student.
+
+    The original checkpoint is always read: its weight map lays out the saved shards, and a
+    LoRA student's base weights come from it. A full student's saved weights are read by the
+    same HF checkpointer (``checkpointer_node``) pointed at ``resume_folder``.
+    """
+    base = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    adapters = None
+    if resume_folder is not None:
+        if adapter_parameter_names(model):
+            adapters = torch.load(resume_folder / ADAPTER_FILENAME, weights_only=True)
+        else:
+            reader = config.instantiate(
+                checkpointer_node,
+                checkpoint_dir=str(resume_folder),
+                checkpoint_files=hf_weight_files(resume_folder),
+            )
+            base = reader.load_checkpoint()[training.MODEL_KEY]
+    return student_state_dict(model, base, adapters, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Assembling a checkpoint: LoRA merge, training state, manifest
+# --------------------------------------------------------------------------------------------
+
+
+def lora_rank_and_alpha(model: nn.Module) -> tuple[int, float]:
+    """The (shared) rank and alpha of a LoRA/DoRA model's adapters, for merging."""
+    pairs: set[tuple[int, float]] = set()
+    for module in model.modules():
+        lora_a = getattr(module, "lora_a", None)
+        if isinstance(lora_a, nn.Linear):
+            rank = lora_a.out_features
+            alpha = getattr(module, "alpha", None)
+            if alpha is None:  # DoRALinear keeps only the scaling alpha / rank
+                alpha = module.scaling * rank
+            pairs.add((rank, float(alpha)))
+    if len(pairs) != 1:
+        raise ValueError(f"expected one LoRA rank/alpha in the model, found {sorted(pairs)}")
+    return pairs.pop()
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Local names (``q_proj``, ``w1``, ``output`` ...) of the modules that carry adapters."""
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "lora_a", None), nn.Linear)
+    }
+    return sorted(names)
+
+
+def is_dora(model: nn.Module) -> bool:
+    return any(hasattr(module, "initialize_dora_magnitude") for module in model.modules())
+
+
+def weights_to_save(
+    student: nn.Module, state: dict[str, Tensor], *, is_lora: bool, adapter_only: bool
+) -> dict[str, Any]:
+    """The checkpointer's input: full weights, or adapter (+ merged) weights for LoRA/DoRA.
+
+    ``state`` is the gathered full state dict, or only the adapters when ``adapter_only``; it
+    is merged in place (``get_merged_lora_ckpt``), so pass a dict no one else holds.
+    """
+    if not is_lora:
+        return {training.MODEL_KEY: state}
+    rank, alpha = lora_rank_and_alpha(student)
+    weights: dict[str, Any] = {
+        training.ADAPTER_KEY: get_adapter_state_dict(state),
+        training.ADAPTER_CONFIG: {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": lora_target_modules(student),
+            "peft_type": "LORA",
+            "use_dora": is_dora(student),
+        },
+    }
+    if not adapter_only:
+        weights[training.MODEL_KEY] = get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
+    return weights
+
+
+def save_step_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    checkpointer: Any,
+    weights: dict[str, Any],
+    adapter_only: bool,
+    training_state: dict[str, Any],
+    manifest: dict[str, Any],
+    keep_last: int | None,
+) -> Path:
+    """Write ``checkpoints/step_<step>/`` atomically (weights by the HF ``checkpointer``), then
+    prune to the newest ``keep_last``. Rank 0 only."""
+    folder = save_checkpoint_folder(
+        output_dir,
+        step,
+        lambda staging: write_hf_weights(checkpointer, weights, staging, adapter_only),
+        training_state,
+        manifest,
+    )
+    prune_checkpoints(output_dir, keep_last)
+    log.info(f"saved checkpoint {folder}")
+    return folder

@@ -33,70 +33,17 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torchtune.config._utils import _get_component_from_path
 
+from kdtune.losses.fused import FusedLinearKDLoss
+from kdtune.training.config_schema import FIELDS, schema_problems, with_defaults
+
 
 class ConfigError(ValueError):
     """A config problem found before any model is built. The message names key, value and fix."""
 
 
-# Every top-level key the recipe reads, with what it means. There are no defaults in code: each
-# shipped YAML sets every one of these (a test checks), and a key missing here is an error.
-RECIPE_KEYS: dict[str, str] = {
-    "output_dir": "folder for checkpoints, metrics.jsonl and logs",
-    "device": "cpu or cuda",
-    "dtype": "fp32 or bf16 (fp16 is refused: the recipe has no loss scaling)",
-    "seed": "int seed for torch/numpy/random and the data order (null: random, then logged)",
-    "deterministic": "true: deterministic algorithms (warn on non-deterministic ops)",
-    "model": "student model builder (_component_)",
-    "teacher_model": "teacher model builder (_component_), or null for CE-only training",
-    "teacher_quantization": "null or int8_weight_only (torchao; teacher linear layers only)",
-    "tokenizer": "tokenizer builder (_component_)",
-    "checkpointer": "student checkpointer (torchtune FullModelHFCheckpointer)",
-    "teacher_checkpointer": "teacher checkpointer (_component_), or null for CE-only training",
-    "resume_from_checkpoint": "false, true (latest complete checkpoint) or a checkpoint folder",
-    "dataset": "training dataset (_component_, or a list of them)",
-    "validation_dataset": "held-out dataset (_component_), or null for no validation",
-    "validation_batch_size": "batch size of the validation data loader",
-    "validate_every_n_steps": "validate every N optimizer steps (null: only at the end)",
-    "validation_max_batches": "validate on at most N batches (null: the whole dataset)",
-    "shuffle": "shuffle the training data (seeded by seed and the epoch)",
-    "batch_size": "micro-batch size per device",
-    "gradient_accumulation_steps": "micro-batches per optimizer step",
-    "epochs": "number of epochs",
-    "max_steps_per_epoch": "cap on optimizer steps per epoch (null: the whole dataset)",
-    "stop_after_steps": "end this run after N optimizer steps in all (with a checkpoint); "
-    "the schedule still spans the whole run, so a resumed run continues exactly",
-    "optimizer": "optimizer (_component_; the recipe passes the trainable parameters)",
-    "lr_scheduler": "scheduler (_component_; the recipe passes num_training_steps), or null",
-    "clip_grad_norm": "max gradient norm (null: no clipping; the norm is still logged)",
-    "loss": "chunked CE loss (kdtune.losses), or null when kd_loss is the fused loss",
-    "kd_loss": "KD loss from kdtune.losses (chunked or fused), or null for CE-only training",
-    "kd_ratio": "loss = (1 - kd_ratio) * CE + kd_ratio * KD, in [0, 1]",
-    "enable_activation_checkpointing": "recompute each transformer layer in backward",
-    "compile": "torch.compile both models' transformer layers and the loss modules",
-    "save_every_n_steps": "save a checkpoint every N optimizer steps (null: only at the end)",
-    "keep_last_n_checkpoints": "delete older step checkpoints beyond N (null: keep all)",
-    "save_adapter_weights_only": "LoRA/DoRA students: save only the adapter, not merged weights",
-    "metric_logger": "torchtune metric logger (_component_)",
-    "log_every_n_steps": "log to metric_logger and the progress bar every N optimizer steps",
-    "fsdp_cpu_offload": "multi-process runs: keep parameter shards, gradients and optimizer "
-    "state in CPU memory (FSDP2 CPUOffloadPolicy; the optimizer step runs on the CPU)",
-    "fsdp_reshard_after_forward": "multi-process runs: free the student's gathered layer weights "
-    "after forward (true: least memory) or keep them for backward (false: less communication)",
-    "fsdp_teacher_reshard_after_forward": "multi-process runs: free the teacher's gathered layer "
-    "weights after forward (true); false keeps a full teacher copy on every rank",
-}
+DISTRIBUTED_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["multi_process"])
+"""Keys read only when ``torchrun`` launched several processes (their defaults apply there)."""
 
-DISTRIBUTED_KEYS = (
-    "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward",
-    "fsdp_teacher_reshard_after_forward",
-)
-"""Keys read only when ``torchrun`` launched several processes; required there (the recipe
-checks), optional in a single process, where they would have no effect."""
-
-SUPPORTED_DTYPES = ("fp32", "bf16")
-SUPPORTED_DEVICES = ("cpu", "cuda")
-TEACHER_QUANTIZATIONS = ("int8_weight_only",)
 _DATA_FILE_SOURCES = ("json", "csv", "parquet", "text", "arrow")
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -164,10 +111,6 @@ def is_fused_loss(node: Any) -> bool:
     if node is None:
         return False
     cls = component_class(node)
-    try:
-        from kdtune.losses.fused import FusedLinearKDLoss
-    except ImportError:
-        return False
     return isinstance(cls, type) and issubclass(cls, FusedLinearKDLoss)
 
 
@@ -202,60 +145,22 @@ class _Problems:
 
 
 def _check_top_level_keys(cfg: DictConfig, problems: _Problems) -> None:
-    """Unknown keys get the closest known key; missing keys get the fix."""
-    known = list(RECIPE_KEYS)
+    """Unknown keys get the closest known key; the schema reports missing and bad values."""
+    known = list(FIELDS)
     referenced = interpolated_keys(cfg)
     for key in cfg:
         key = str(key)
-        if key not in RECIPE_KEYS and key not in referenced:
+        if key not in FIELDS and key not in referenced:
             problems.error(
                 f"unknown key '{key}'{_closest(key, known)}: the recipe does not read it; "
                 f"remove it or fix its spelling (known keys: kdtune validate --help)"
             )
-    for key in RECIPE_KEYS:
-        if key not in cfg and key not in DISTRIBUTED_KEYS:
-            problems.error(
-                f"missing key '{key}' ({RECIPE_KEYS[key]}): add it to the config; the recipe "
-                "has no built-in defaults (copy one with `kdtune cp`)"
-            )
-
-
-def _value(cfg: DictConfig, key: str, problems: _Problems) -> Any:
-    """``cfg[key]`` with interpolations resolved; a broken interpolation is a problem."""
-    try:
-        return cfg[key]
-    except OmegaConfBaseException as error:
-        problems.error(f"{key}: cannot resolve its value ({error}); fix the ${{...}} reference")
-        return None
+    for message in schema_problems(cfg):
+        problems.error(message)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(
-    cfg: DictConfig, key: str, problems: _Problems, *, minimum: int, nullable: bool
-) -> None:
-    value = _value(cfg, key, problems)
-    if value is None and nullable:
-        return
-    if not _is_int(value) or value < minimum:
-        allowed = f"an int >= {minimum}" + (" or null" if nullable else "")
-        problems.error(f"{key} = {value!r} is invalid: set {key} to {allowed}")
-
-
-def _check_bool(cfg: DictConfig, key: str, problems: _Problems) -> None:
-    value = _value(cfg, key, problems)
-    if not isinstance(value, bool):
-        problems.error(f"{key} = {value!r} is invalid: set {key} to true or false")
-
-
-def _check_choice(
-    cfg: DictConfig, key: str, choices: tuple[str, ...], problems: _Problems, hint: str = ""
-) -> None:
-    value = _value(cfg, key, problems)
-    if value not in choices:
-        problems.error(f"{key} = {value!r} is not supported{hint}: use one of {list(choices)}")
 
 
 def _component_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
@@ -277,21 +182,79 @@ def _check_component_keys(path: str, node: DictConfig, problems: _Problems) -> C
     except Exception as error:  # import problems of any kind are reported, not raised
         problems.error(f"{path}._component_ = {node['_component_']!r} cannot be imported: {error}")
         return None
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return target
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return target  # takes **kwargs: any key may be meant for it
-    names = list(parameters)
+    names = accepted_options(target)
+    if names is None:
+        return target  # takes **kwargs that go nowhere we can see: any key may be meant for it
     for key in node:
         key = str(key)
-        if key != "_component_" and key not in parameters:
+        if key != "_component_" and key not in names:
             problems.error(
                 f"{path}.{key}: {node['_component_']} has no option '{key}'"
                 f"{_closest(key, names)}; its options are {names}"
             )
     return target
+
+
+def accepted_options(target: Callable) -> list[str] | None:
+    """The keyword options ``target`` accepts, or None when it takes ``**kwargs`` that cannot be
+    followed. A class whose ``__init__`` passes ``**kwargs`` up its bases (kdtune's losses) is
+    followed through its MRO until an ``__init__`` without ``**kwargs`` closes the list."""
+    signatures = []
+    if inspect.isclass(target):
+        signatures = [vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k)]
+    else:
+        signatures = [target]
+    names: list[str] = []
+    for function in signatures:
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            return None
+        names += [n for n, p in parameters.items() if p.kind not in _VARIADIC and n != "self"]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return list(dict.fromkeys(names))
+    return None
+
+
+_VARIADIC = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+
+
+def _check_by_building(cfg: DictConfig, problems: _Problems) -> None:
+    """Build the cheap components with their real options (the losses, and the optimizer and
+    scheduler on one stand-in parameter), so a value they reject (``optimizer.lr=fast``,
+    ``model.lora_rank=0`` aside) is reported here, naming the key, not at step 1."""
+    from torchtune import config
+
+    reported = " ".join(problems.errors)
+
+    def already_reported(key: str) -> bool:
+        return re.search(rf"(?<![\w.]){key}[.:]", reported) is not None
+
+    for key in ("loss", "kd_loss"):
+        node = cfg.get(key)
+        if node is None or already_reported(key):
+            continue
+        try:
+            config.instantiate(node)
+        except Exception as error:
+            problems.error(f"{key}: {node['_component_']} rejects its options: {error}")
+    optimizer_node = cfg.get("optimizer")
+    if optimizer_node is None or already_reported("optimizer"):
+        return
+    try:
+        optimizer = config.instantiate(optimizer_node, [nn.Parameter(torch.zeros(1))])
+    except Exception as error:
+        problems.error(f"optimizer: {optimizer_node['_component_']} rejects its options: {error}")
+        return
+    scheduler_node = cfg.get("lr_scheduler")
+    if scheduler_node is None or already_reported("lr_scheduler"):
+        return
+    try:
+        config.instantiate(scheduler_node, optimizer, num_training_steps=1)
+    except Exception as error:
+        problems.error(
+            f"lr_scheduler: {scheduler_node['_component_']} rejects its options: {error}"
+        )
 
 
 def _check_components(cfg: DictConfig, problems: _Problems) -> None:
@@ -300,77 +263,12 @@ def _check_components(cfg: DictConfig, problems: _Problems) -> None:
             _check_component_keys(path, node, problems)
 
 
-def _check_scalars(cfg: DictConfig, problems: _Problems) -> None:
-    dtype = _value(cfg, "dtype", problems)
-    if dtype in ("fp16", "float16", "half"):
-        problems.error(
-            f"dtype = {dtype!r}: fp16 is not supported (this recipe has no loss scaling, so fp16 "
-            "gradients under- and overflow); set dtype: bf16 (or fp32)"
-        )
-    else:
-        _check_choice(cfg, "dtype", SUPPORTED_DTYPES, problems)
-    device = _value(cfg, "device", problems)
-    if not (isinstance(device, str) and device.split(":")[0] in SUPPORTED_DEVICES):
-        problems.error(f"device = {device!r} is not supported: use cpu or cuda")
-    seed = _value(cfg, "seed", problems)
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        problems.error(f"seed = {seed!r} is invalid: set seed to an int >= 0 (or null)")
-    for key in (
-        "deterministic",
-        "shuffle",
-        "enable_activation_checkpointing",
-        "compile",
-        "save_adapter_weights_only",
-    ):
-        _check_bool(cfg, key, problems)
-    for key in DISTRIBUTED_KEYS:
-        if key in cfg:
-            _check_bool(cfg, key, problems)
-    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every_n_steps"):
-        _check_int(cfg, key, problems, minimum=1, nullable=False)
-    for key in (
-        "max_steps_per_epoch",
-        "stop_after_steps",
-        "save_every_n_steps",
-        "keep_last_n_checkpoints",
-        "validate_every_n_steps",
-        "validation_max_batches",
-    ):
-        _check_int(cfg, key, problems, minimum=1, nullable=True)
-    _check_int(cfg, "validation_batch_size", problems, minimum=1, nullable=False)
-
-    kd_ratio = _value(cfg, "kd_ratio", problems)
-    if not isinstance(kd_ratio, int | float) or isinstance(kd_ratio, bool):
-        problems.error(f"kd_ratio = {kd_ratio!r} is invalid: set a number in [0, 1]")
-    elif not 0.0 <= kd_ratio <= 1.0:
-        problems.error(
-            f"kd_ratio = {kd_ratio!r} is outside [0, 1]: the loss is "
-            "(1 - kd_ratio) * CE + kd_ratio * KD; use 0 (CE only) to 1 (KD only)"
-        )
-    clip = _value(cfg, "clip_grad_norm", problems)
-    if clip is not None and (
-        not isinstance(clip, int | float) or isinstance(clip, bool) or not clip > 0
-    ):
-        problems.error(f"clip_grad_norm = {clip!r} is invalid: set a number > 0 (or null)")
-    quantization = _value(cfg, "teacher_quantization", problems)
-    if quantization is not None and quantization not in TEACHER_QUANTIZATIONS:
-        problems.error(
-            f"teacher_quantization = {quantization!r} is not supported: use null or "
-            f"{list(TEACHER_QUANTIZATIONS)}"
-        )
-    resume = _value(cfg, "resume_from_checkpoint", problems)
-    if not isinstance(resume, bool | str):
-        problems.error(
-            f"resume_from_checkpoint = {resume!r} is invalid: use false, true (latest "
-            "checkpoint in output_dir) or the path of a checkpoint folder"
-        )
-
-
 def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
     """Which losses go together: chunked CE + chunked KD, fused KD alone, or CE only."""
     kd_ratio = cfg.get("kd_ratio")
     teacher, teacher_ckpt = cfg.get("teacher_model"), cfg.get("teacher_checkpointer")
     loss, kd_loss = cfg.get("loss"), cfg.get("kd_loss")
+    cached = cfg.get("teacher_cache") is not None  # stands in for the teacher
 
     if (teacher is None) != (teacher_ckpt is None):
         missing = "teacher_checkpointer" if teacher_ckpt is None else "teacher_model"
@@ -378,7 +276,7 @@ def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
             f"{missing} is null but the other teacher key is set: set both teacher_model and "
             "teacher_checkpointer, or both to null for CE-only training (kd_ratio: 0.0)"
         )
-    if teacher is None:
+    if teacher is None and not cached:
         if kd_ratio != 0:
             problems.error(
                 f"teacher_model is null but kd_ratio = {kd_ratio!r}: without a teacher only "
@@ -393,8 +291,8 @@ def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
             problems.error("teacher_quantization is set but teacher_model is null: set it to null")
     elif kd_loss is None:
         problems.error(
-            "kd_loss is null but a teacher is configured: set kd_loss to a loss from "
-            "kdtune.losses (e.g. kdtune.losses.ForwardKLWithChunkedOutputLoss)"
+            "kd_loss is null but a teacher (or teacher_cache) is configured: set kd_loss to a "
+            "loss from kdtune.losses (e.g. kdtune.losses.ForwardKLWithChunkedOutputLoss)"
         )
 
     try:
@@ -422,11 +320,15 @@ def _check_loss_setup(cfg: DictConfig, problems: _Problems) -> None:
     for key, cls in (("loss", loss_cls), ("kd_loss", kd_cls)):
         if cls is None:
             continue
-        if not _forward_accepts(cls, "num_tokens"):
+        # A loss without num_tokens (torchtune's own) is a mean over its micro-batch; the
+        # recipe rescales it to the step's token count (runtime.StepNormalized).
+        if not _forward_accepts(cls, "num_tokens") and "ignore_index" not in component_options(
+            cfg[key]
+        ):
             problems.error(
-                f"{key}._component_ = {cfg[key]['_component_']}: its forward takes no num_tokens, "
-                "so gradient accumulation could not be normalised by the step's token count; use "
-                "the class of the same name from kdtune.losses (same options)"
+                f"{key}._component_ = {cfg[key]['_component_']}: its forward takes no num_tokens "
+                "and it has no ignore_index, so its mean cannot be rescaled to the step's token "
+                "count; use a loss from kdtune.losses or torchtune.modules.loss"
             )
             return
         if "num_output_chunks" not in component_options(cfg[key]):
@@ -493,6 +395,22 @@ def _check_kd_options(cfg: DictConfig, problems: _Problems) -> None:
             problems.error(f"kd_loss.num_chunks = {chunks!r} is invalid: use an int >= 1")
 
 
+def _check_activation_offloading(cfg: DictConfig, problems: _Problems) -> None:
+    """As torchtune's recipes: offloading needs CUDA and activation checkpointing."""
+    if not cfg.enable_activation_offloading:
+        return
+    if not str(cfg.device).startswith("cuda"):
+        problems.error(
+            f"enable_activation_offloading = true with device = {cfg.device!r}: offloading "
+            "moves activations from the GPU to CPU memory; set it to false on CPU"
+        )
+    if not cfg.enable_activation_checkpointing:
+        problems.error(
+            "enable_activation_offloading = true needs enable_activation_checkpointing: true "
+            "(as in torchtune): set both, or set enable_activation_offloading: false"
+        )
+
+
 def _check_datasets(cfg: DictConfig, problems: _Problems) -> None:
     nodes = [("dataset", cfg.get("dataset"))]
     if isinstance(nodes[0][1], ListConfig):
@@ -505,9 +423,10 @@ def _check_datasets(cfg: DictConfig, problems: _Problems) -> None:
                 f"{key} must be a _component_ node (e.g. torchtune.datasets.alpaca_dataset)"
             )
             continue
-        if node.get("packed", False):
+        if key == "validation_dataset" and node.get("packed", False):
             problems.error(
-                f"{key}.packed = true is not supported by this recipe: set packed: false"
+                f"{key}.packed = true is not supported for validation (packing is a training "
+                "speed-up): set packed: false"
             )
         if node.get("source") in _DATA_FILE_SOURCES and node.get("data_files") is not None:
             files = node.data_files
@@ -535,7 +454,7 @@ def checkpoint_files(node: DictConfig) -> list[str]:
 def _check_checkpoint_files(cfg: DictConfig, problems: _Problems) -> None:
     for key in ("checkpointer", "teacher_checkpointer"):
         node = cfg.get(key)
-        if node is None:
+        if node is None or (key == "teacher_checkpointer" and cfg.get("teacher_cache")):
             continue
         try:
             folder = Path(str(node.checkpoint_dir))
@@ -577,47 +496,43 @@ def _check_student_checkpointer(cfg: DictConfig, problems: _Problems) -> None:
         )
 
 
-def normalize_null_components(cfg: DictConfig) -> None:
-    """Turn a top-level ``{_component_: null, ...}`` node into null, in place.
+def normalize_null_components(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` where a top-level ``{_component_: null, ...}`` node is null.
 
     torchtune's override rule rewrites ``teacher_model=null`` on the command line into
     ``teacher_model._component_=null`` (the key holds a component); this makes such an override
-    mean what it says.
+    mean what it says. ``cfg`` itself is left unchanged.
     """
+    cfg = cfg.copy()
     for key in list(cfg.keys()):
         node = cfg._get_node(key)
         is_component = isinstance(node, DictConfig) and "_component_" in node
         if is_component and node._get_node("_component_")._is_none():
             cfg[key] = None
+    return cfg
 
 
-def check_config(cfg: DictConfig) -> list[str]:
-    """Phase 1: check the config alone. Builds nothing, reads only file names.
-
-    Null component overrides are normalised first (:func:`normalize_null_components`).
-
-    Returns:
-        Warnings (strings); each is also issued with :func:`warnings.warn`.
+def check_config(cfg: DictConfig) -> None:
+    """Phase 1: check the config alone. Builds nothing, reads only file names; ``cfg`` is left
+    unchanged (null component overrides are read as null, :func:`normalize_null_components`).
 
     Raises:
         ConfigError: every problem found, one per line, each naming key, value and fix.
     """
-    normalize_null_components(cfg)
+    cfg = normalize_null_components(cfg)
     problems = _Problems(errors=[], warnings=[])
     _check_top_level_keys(cfg, problems)
-    problems.raise_if_any("in the keys")  # later checks read these keys
     _check_components(cfg, problems)
-    _check_scalars(cfg, problems)
-    problems.raise_if_any("in the values")
+    problems.raise_if_any("in the keys and values")  # later checks read these keys
+    cfg = with_defaults(cfg)
     _check_loss_setup(cfg, problems)
     _check_kd_options(cfg, problems)
+    _check_by_building(cfg, problems)
     _check_student_checkpointer(cfg, problems)
+    _check_activation_offloading(cfg, problems)
     _check_datasets(cfg, problems)
     _check_checkpoint_files(cfg, problems)
     problems.raise_if_any("before building models")
-    for message in problems.warnings:
-        warnings.warn(message, stacklevel=2)
-    return problems.warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,9 +681,14 @@ def check_config_and_models(cfg: DictConfig) -> list[str]:
     models built on the meta device. Returns the warnings; raises :class:`ConfigError`."""
     from torchtune import config
 
-    found = check_config(cfg)
-    tokenizer = config.instantiate(cfg.tokenizer)
+    check_config(cfg)
+    cfg = normalize_null_components(cfg)
+    return check_vocabularies(cfg, config.instantiate(cfg.tokenizer))
+
+
+def check_vocabularies(cfg: DictConfig, tokenizer: Any) -> list[str]:
+    """Phase 2 on a (normalised) config: the vocabularies of student, teacher and tokenizer
+    (models built on the meta device). Returns the warnings; raises :class:`ConfigError`."""
     student = describe_model(cfg.model)
     teacher = describe_model(cfg.teacher_model) if cfg.teacher_model is not None else None
-    found += check_models(cfg, student, teacher, tokenizer_max_id(tokenizer))
-    return found
+    return check_models(cfg, student, teacher, tokenizer_max_id(tokenizer))

@@ -7,22 +7,24 @@ The recipe calls these in order (torchtitan style), the same in one process and 
     model = build_model(cfg.model, runtime.dtype)       # on meta: no memory yet
     is_lora = freeze_all_but_adapters(model)            # before sharding
     state = student_state_dict(model, base, adapters, seed=...)  # rank 0 only (others: None)
-    prepare_for_training(model, runtime, trainable=True, ...)    # AC, compile, fully_shard
+    prepare_student(model, runtime, ...)                # AC, compile, fully_shard
     load_weights(model, state, runtime)                 # rank 0's full dict -> each rank's shards
 
 Everything that differs between one process and many (the process group, FSDP2 sharding, CPU
 offload, mixed precision, who reads checkpoints) is decided here; the collectives themselves
-are :mod:`kdtune.training.distributed`, whose functions are no-ops (or the trivial equivalent)
+are :mod:`kdtune.training.process_group`, :mod:`~kdtune.training.parallel` and
+:mod:`~kdtune.training.state_dicts`, whose functions are no-ops (or the trivial equivalent)
 in a single process.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +35,14 @@ from torch import Tensor, nn
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import distributed
-from kdtune.training.config_checks import DISTRIBUTED_KEYS, ConfigError
+from kdtune.training import parallel, process_group, state_dicts
+from kdtune.training.config_checks import DISTRIBUTED_KEYS, ConfigError, is_fused_loss
+from kdtune.training.steps import ChunkedLossStep, FusedLossStep
 
 
 @dataclass(frozen=True)
 class ShardingOptions:
-    """FSDP2 settings of a multi-process run (see :func:`kdtune.training.distributed.shard_model`)."""
+    """FSDP2 settings of a multi-process run (see :func:`kdtune.training.parallel.shard_model`)."""
 
     cpu_offload: bool
     student_reshard_after_forward: bool
@@ -74,10 +77,6 @@ class Runtime:
         return self.rank == 0
 
     @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
     def parameter_device(self) -> torch.device:
         """Where the (local shards of the) parameters live: CPU when offloaded."""
         return torch.device("cpu") if self.sharding.cpu_offload else self.device
@@ -97,21 +96,22 @@ def setup_runtime(cfg: DictConfig) -> Runtime:
     """
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' but no CUDA device is available: set device: cpu")
-    info = distributed.init_distributed(str(cfg.device))
-    device = info.device if info.world_size > 1 else utils.get_device(device=str(cfg.device))
+    rank, world_size, device = process_group.init_distributed(str(cfg.device))
+    if world_size == 1:
+        device = utils.get_device(device=str(cfg.device))
     dtype = training.get_dtype(str(cfg.dtype), device=device)
-    if not info.is_main:
+    if rank != 0:
         _quiet_this_process()
-    if info.world_size > 1:
-        sharding = sharding_options(cfg, dtype, info.world_size)
+    if world_size > 1:
+        sharding = sharding_options(cfg, dtype, world_size)
     else:
         _warn_unused_fsdp_options(cfg)
         sharding = SINGLE_PROCESS
     return Runtime(
         device=device,
         dtype=dtype,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=rank,
+        world_size=world_size,
         sharding=sharding,
     )
 
@@ -242,11 +242,11 @@ def fresh_adapter_state_dict(
             fresh.to_empty(device="cpu")
             fresh.initialize_parameters()
             if hasattr(fresh, "initialize_dora_magnitude"):
-                base = base_state_dict[distributed.state_dict_key(f"{name}.weight")]
+                base = base_state_dict[state_dicts.state_dict_key(f"{name}.weight")]
                 fresh.weight = nn.Parameter(base.to("cpu", fresh.weight.dtype), requires_grad=False)
                 fresh.initialize_dora_magnitude()
             for parameter_name in fresh.adapter_params():
-                key = distributed.state_dict_key(f"{name}.{parameter_name}")
+                key = state_dicts.state_dict_key(f"{name}.{parameter_name}")
                 state[key] = fresh.get_parameter(parameter_name).detach().clone()
     return state
 
@@ -294,7 +294,7 @@ def load_student_weights(
     is_lora = freeze_all_but_adapters(model)
     state = student_state_dict(model, base_state_dict, adapter_state_dict, seed=seed)
     device = next(model.parameters()).device
-    distributed.load_full_state_dict(
+    state_dicts.load_full_state_dict(
         model,
         state,
         device="cpu" if device.type == "meta" else device,
@@ -304,27 +304,37 @@ def load_student_weights(
     return is_lora
 
 
-def prepare_for_training(
-    model: nn.Module,
-    runtime: Runtime,
-    *,
-    trainable: bool,
-    activation_checkpointing: bool,
-    compile_layers: bool,
+def _compile_backend() -> str:
+    """``TORCH_COMPILE_BACKEND`` (torchtune's convention), default ``inductor``."""
+    return os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+
+
+def prepare_student(
+    model: nn.Module, runtime: Runtime, *, activation_checkpointing: bool, compile_layers: bool
 ) -> nn.Module:
     """Activation checkpointing, per-layer compile, then FSDP2 sharding (in that order).
 
-    ``TORCH_COMPILE_BACKEND`` picks the compile backend (torchtune's convention; default
-    ``inductor``). ``trainable=False`` (the teacher) freezes every parameter, so its shards
-    never hold or reduce gradients. In one process nothing is sharded.
+    In one process nothing is sharded.
     """
     if activation_checkpointing:
-        distributed.apply_activation_checkpointing(model)
+        parallel.apply_activation_checkpointing(model)
     if compile_layers:
-        backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
-        distributed.apply_compile(model, backend=backend)
-    options = runtime.sharding
-    distributed.shard_model(
+        parallel.apply_compile(model, backend=_compile_backend())
+    return _shard(model, runtime.sharding, trainable=True)
+
+
+def prepare_teacher_for_sharding(
+    model: nn.Module, runtime: Runtime, *, compile_layers: bool
+) -> nn.Module:
+    """Freeze every parameter (its shards never hold or reduce gradients), per-layer compile,
+    then FSDP2 sharding. No activation checkpointing: nothing runs backward through it."""
+    if compile_layers:
+        parallel.apply_compile(model, backend=_compile_backend())
+    return _shard(model, runtime.sharding, trainable=False)
+
+
+def _shard(model: nn.Module, options: ShardingOptions, *, trainable: bool) -> nn.Module:
+    return parallel.shard_model(
         model,
         trainable=trainable,
         reshard_after_forward=(
@@ -336,7 +346,6 @@ def prepare_for_training(
         param_dtype=options.param_dtype,
         reduce_dtype=options.reduce_dtype,
     )
-    return model
 
 
 @contextmanager
@@ -358,7 +367,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor] | None, runtime
         ValueError: a key is missing or unexpected (on every rank).
     """
     with _random_state_kept(runtime.device):
-        distributed.load_full_state_dict(
+        state_dicts.load_full_state_dict(
             model,
             state_dict,
             device=runtime.parameter_device,
@@ -387,7 +396,7 @@ def prepare_teacher(
     :func:`finish_teacher`. The recipe does the same around sharding."""
     model.requires_grad_(False)
     device = next(model.parameters()).device
-    distributed.load_full_state_dict(
+    state_dicts.load_full_state_dict(
         model, state_dict, device=device, strict=True, broadcast_from_rank0=False
     )
     return finish_teacher(model, quantization)
@@ -416,47 +425,110 @@ def quantize_int8_weight_only(model: nn.Module) -> None:
 
 
 def compile_loss(loss: nn.Module | None) -> nn.Module | None:
-    """``torch.compile`` a loss module (the per-chunk work runs inside its forward)."""
+    """Compile a loss module. kdtune's losses compile their per-chunk math only (their own
+    ``compile`` method; the Python chunk loop stays eager); any other loss module (torchtune's)
+    is compiled whole with ``torch.compile``."""
     if loss is None:
         return None
-    return torch.compile(loss, backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+    if type(loss).compile is not nn.Module.compile:
+        loss.compile(backend=_compile_backend())
+        return loss
+    return torch.compile(loss, backend=_compile_backend())
+
+
+class StepNormalized(nn.Module):
+    """A loss in torchtune's contract (the mean over its micro-batch's target tokens) in
+    kdtune's (the micro-batch's token sum divided by the step's count ``num_tokens``): its value
+    times the micro-batch's target count over ``num_tokens``. The gradient is that of the token
+    sum over the step's count, as for kdtune's own losses.
+
+    Forward: the wrapped loss's positional arguments, ``labels`` ``[B, S]`` (shifted) last,
+    and ``num_tokens`` (0-dim). An all-ignored micro-batch contributes an exact 0.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self.ignore_index = loss.ignore_index
+        self.num_output_chunks = loss.num_output_chunks
+
+    def forward(self, *args: Any, num_tokens: Tensor) -> Tensor:
+        count = (args[-1] != self.ignore_index).sum()
+        mean = self.loss(*args)
+        return torch.where(count > 0, mean * count, torch.zeros_like(mean)) / num_tokens
+
+
+def _step_normalized(loss: nn.Module | None) -> nn.Module | None:
+    if loss is None or "num_tokens" in inspect.signature(loss.forward).parameters:
+        return loss
+    return StepNormalized(loss)
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """The built loss step and the options the rest of the run reads from the built losses."""
+
+    step: ChunkedLossStep | FusedLossStep
+    fused: bool
+    ignore_index: int
+    num_chunks: int  # sequence chunks of the logits (validation uses the same)
+
+
+def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None) -> LossSetup:
+    """Instantiate the losses of ``cfg`` (fused: ``kd_loss`` alone; chunked: ``loss`` and
+    ``kd_loss``, or CE alone without a teacher) and the step that applies them. For the chunked
+    path both models are set to return their logits in the losses' number of chunks."""
+    kd_ratio = float(cfg.kd_ratio)
+    if is_fused_loss(cfg.kd_loss):
+        fused_loss = config.instantiate(cfg.kd_loss)
+        if cfg.compile:
+            compile_loss(fused_loss)
+        return LossSetup(
+            FusedLossStep(fused_loss, kd_ratio),
+            fused=True,
+            ignore_index=fused_loss.ignore_index,
+            num_chunks=fused_loss.num_chunks,
+        )
+    ce_loss = _step_normalized(config.instantiate(cfg.loss))
+    kd_loss = _step_normalized(config.instantiate(cfg.kd_loss))
+    student.set_num_output_chunks(ce_loss.num_output_chunks)
+    if teacher is not None:
+        teacher.set_num_output_chunks(ce_loss.num_output_chunks)
+    ignore_index, num_chunks = ce_loss.ignore_index, ce_loss.num_output_chunks
+    if cfg.compile:
+        ce_loss, kd_loss = compile_loss(ce_loss), compile_loss(kd_loss)
+    return LossSetup(
+        ChunkedLossStep(ce_loss, kd_loss, kd_ratio),
+        fused=False,
+        ignore_index=ignore_index,
+        num_chunks=num_chunks,
+    )
+
+
+def setup_profiler(node: DictConfig | None) -> Any:
+    """torchtune's profiler from the ``profiler`` node (``setup_torch_profiler``; with
+    ``enabled: false`` or no node, its no-op ``DummyProfiler``). Call ``start()``, ``step()``
+    after each optimizer step and ``stop()``, as torchtune's recipes do."""
+    if node is None:
+        return training.DummyProfiler()
+    profiler, _ = config.instantiate(node)
+    return profiler
+
+
+def memory_stats_reader(enabled: bool, device: torch.device) -> Callable[[], dict] | None:
+    """``log_peak_memory_stats``: torchtune's ``get_memory_stats`` (peak active, allocated and
+    reserved GiB since the last read) on CUDA; on CPU, as in torchtune, a warning and none."""
+    if not enabled:
+        return None
+    if device.type == "cpu":
+        warnings.warn(
+            "log_peak_memory_stats = true has no effect on CPU (the metrics already hold each "
+            "rank's peak resident memory): set it to false",
+            stacklevel=2,
+        )
+        return None
+    return lambda: training.get_memory_stats(device=device)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def lora_rank_and_alpha(model: nn.Module) -> tuple[int, float]:
-    """The (shared) rank and alpha of a LoRA/DoRA model's adapters, for merging."""
-    pairs: set[tuple[int, float]] = set()
-    for module in model.modules():
-        lora_a = getattr(module, "lora_a", None)
-        if isinstance(lora_a, nn.Linear):
-            rank = lora_a.out_features
-            alpha = getattr(module, "alpha", None)
-            if alpha is None:  # DoRALinear keeps only the scaling alpha / rank
-                alpha = module.scaling * rank
-            pairs.add((rank, float(alpha)))
-    if len(pairs) != 1:
-        raise ValueError(f"expected one LoRA rank/alpha in the model, found {sorted(pairs)}")
-    return pairs.pop()
-
-
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """Local names (``q_proj``, ``w1``, ``output`` ...) of the modules that carry adapters."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "lora_a", None), nn.Linear)
-    }
-    return sorted(names)
-
-
-def is_dora(model: nn.Module) -> bool:
-    return any(hasattr(module, "initialize_dora_magnitude") for module in model.modules())
-
-
-def describe_parameters(model: nn.Module) -> dict[str, Any]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total}

@@ -13,10 +13,12 @@ Labels passed in are already shifted (:func:`kdtune.training.data.shift_labels`)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kdtune.losses import TopKTeacher
 from kdtune.training.lm_head import forward_hidden, output_projection, release_output_projection
 
 
@@ -35,7 +37,12 @@ class MicroBatchLoss:
 
 
 class ChunkedLossStep:
-    """Both models return their logits as a list of chunks; chunked CE and KD losses."""
+    """Both models return their logits as a list of chunks; chunked CE and KD losses.
+
+    With a kdtune KD loss (it has ``kd_and_ce``) both terms of every chunk come from one engine
+    call (one upcast and one student log-softmax per chunk, one gradient kept); any other KD
+    loss module (e.g. torchtune's) is called beside the CE loss.
+    """
 
     def __init__(self, ce_loss: nn.Module, kd_loss: nn.Module | None, kd_ratio: float) -> None:
         self.ce_loss = ce_loss
@@ -45,13 +52,29 @@ class ChunkedLossStep:
     def __call__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None,
+        teacher: nn.Module | TopKTeacher | None,
         tokens: Tensor,
         labels: Tensor,
         num_tokens: Tensor,
+        **model_kwargs: Any,
     ) -> MicroBatchLoss:
-        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
-        student_logits = student(tokens)  # list of [B, S_i, V] chunks
+        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count;
+        ``model_kwargs``: passed to both models' forward (a packed batch's mask, input_pos)."""
+        student_logits = student(tokens, **model_kwargs)  # list of [B, S_i, V] chunks
+        if isinstance(teacher, TopKTeacher):  # cached top-k rows (kdtune.teacher_cache)
+            teacher_logits = teacher
+        elif teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(tokens, **model_kwargs)
+        if teacher is not None and hasattr(self.kd_loss, "kd_and_ce"):
+            out = self.kd_loss.kd_and_ce(
+                student_logits,
+                teacher_logits,
+                labels,
+                kd_ratio=self.kd_ratio,
+                num_tokens=num_tokens,
+            )
+            return MicroBatchLoss(loss=out.loss, ce=out.ce_loss, kd=out.kd_loss)
         if self.kd_ratio == 1.0:
             with torch.no_grad():  # logged only: no backward through a term weighted 0
                 ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
@@ -59,8 +82,6 @@ class ChunkedLossStep:
             ce = self.ce_loss(student_logits, labels, num_tokens=num_tokens)
         if teacher is None:
             return MicroBatchLoss(loss=ce, ce=ce.detach(), kd=None)
-        with torch.no_grad():
-            teacher_logits = teacher(tokens)
         kd = self.kd_loss(student_logits, teacher_logits, labels, num_tokens=num_tokens)
         loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
         return MicroBatchLoss(loss=loss, ce=ce.detach(), kd=kd.detach())
@@ -76,16 +97,29 @@ class FusedLossStep:
     def __call__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None,
+        teacher: nn.Module | TopKTeacher | None,
         tokens: Tensor,
         labels: Tensor,
         num_tokens: Tensor,
+        **model_kwargs: Any,
     ) -> MicroBatchLoss:
-        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count."""
-        student_hidden = forward_hidden(student, tokens)  # [B, S, D_s]
+        """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count;
+        ``model_kwargs``: passed to both models' forward (a packed batch's mask, input_pos)."""
+        student_hidden = forward_hidden(student, tokens, **model_kwargs)  # [B, S, D_s]
         student_weight, student_bias = output_projection(student)  # [V_s, D_s]
+        if isinstance(teacher, TopKTeacher):  # cached top-k rows (kdtune.teacher_cache)
+            out = self.fused_loss(
+                student_hidden,
+                student_weight,
+                labels,
+                kd_ratio=self.kd_ratio,
+                teacher_topk=teacher,
+                student_bias=student_bias,
+                num_tokens=num_tokens,
+            )
+            return MicroBatchLoss(loss=out.loss, ce=out.ce_loss.detach(), kd=out.kd_loss.detach())
         with torch.no_grad():
-            teacher_hidden = forward_hidden(teacher, tokens)  # [B, S, D_t]
+            teacher_hidden = forward_hidden(teacher, tokens, **model_kwargs)  # [B, S, D_t]
             teacher_weight, teacher_bias = output_projection(teacher)  # [V_t, D_t]
         if teacher_bias is not None:
             raise ValueError("the fused loss does not support a teacher output bias")

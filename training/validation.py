@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from kdtune.losses.divergences import forward_kl
 from kdtune.training.data import Batch, batch_to_device, shift_labels
-from kdtune.training.distributed import all_reduce_sum
 from kdtune.training.lm_head import forward_hidden, output_projection, release_output_projection
+from kdtune.training.process_group import all_reduce_sum
 from kdtune.training.runtime import Runtime
 
 

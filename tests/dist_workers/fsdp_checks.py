@@ -1,4 +1,4 @@
-"""FSDP2 checks of ``kdtune.training.distributed``, run by torchrun (2 processes, gloo, CPU).
+"""FSDP2 checks of ``kdtune.training.{parallel,state_dicts}``, run by torchrun (2 processes, gloo, CPU).
 
 Launched by ``tests/test_distributed.py``::
 
@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torchtune.models.llama3 import llama3, lora_llama3
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import distributed as kd_dist
+from kdtune.training import metrics, parallel, process_group, state_dicts
 
 VOCAB = 256
 IGNORE = -100
@@ -75,7 +75,7 @@ def sharded_model(
         model = builder()
     if before_shard is not None:
         before_shard(model)
-    kd_dist.shard_model(
+    parallel.shard_model(
         model,
         trainable=trainable,
         reshard_after_forward=reshard_after_forward,
@@ -83,8 +83,8 @@ def sharded_model(
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
     )
-    given = full_sd if (kd_dist.is_main_process() or not broadcast_from_rank0) else None
-    keys = kd_dist.load_full_state_dict(
+    given = full_sd if (process_group.is_main_process() or not broadcast_from_rank0) else None
+    keys = state_dicts.load_full_state_dict(
         model, given, device="cpu", strict=strict, broadcast_from_rank0=broadcast_from_rank0
     )
     return model, keys
@@ -121,7 +121,7 @@ def full_grads(model: nn.Module) -> dict[str, Tensor]:
         if param.grad is None:
             continue
         grad = param.grad
-        grads[kd_dist.state_dict_key(name)] = (
+        grads[state_dicts.state_dict_key(name)] = (
             grad.full_tensor() if isinstance(grad, DTensor) else grad
         )
     return grads
@@ -136,17 +136,17 @@ def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 def distributed_backward(model: nn.Module, tokens: Tensor, labels: Tensor, micro: int) -> float:
     """This rank's half of the batch, in ``micro`` micro-batches, each loss divided by the
     global count of non-ignored tokens. Returns the global mean loss."""
-    rank, world = kd_dist.world_size_and_rank()[1], kd_dist.world_size_and_rank()[0]
+    rank, world = process_group.world_size_and_rank()[1], process_group.world_size_and_rank()[0]
     my_tokens, my_labels = rank_slice(tokens, rank, world), rank_slice(labels, rank, world)
     micro_tokens, micro_labels = my_tokens.chunk(micro), my_labels.chunk(micro)
     local_count = sum((lab != IGNORE).sum() for lab in micro_labels)
-    global_count = kd_dist.all_reduce_sum(local_count)
+    global_count = process_group.all_reduce_sum(local_count)
     total = torch.zeros(())
     for tok, lab in zip(micro_tokens, micro_labels):
         loss = ce_sum(model, tok, lab) / global_count
         loss.backward()
         total += loss.detach()
-    return kd_dist.all_reduce_sum(total).item()
+    return process_group.all_reduce_sum(total).item()
 
 
 def reference_backward(model: nn.Module, tokens: Tensor, labels: Tensor) -> float:
@@ -167,20 +167,20 @@ def check_sharding_and_state(ref: nn.Module, full_sd: dict[str, Tensor]) -> dict
             out[f"forward_max_diff_{tag}"] = (model(tokens) - expected).abs().max().item()
         out[f"all_params_dtensor_{tag}"] = all(isinstance(p, DTensor) for p in model.parameters())
         out[f"missing_{tag}"] = list(keys.missing_keys)
-        gathered = kd_dist.gather_full_state_dict(model, trainable_only=False)
-        if kd_dist.is_main_process():
+        gathered = state_dicts.gather_full_state_dict(model, trainable_only=False)
+        if process_group.is_main_process():
             out[f"gather_same_keys_{tag}"] = sorted(gathered) == sorted(full_sd)
             out[f"gather_bitwise_{tag}"] = all(
                 torch.equal(gathered[k], full_sd[k]) for k in full_sd
             )
         else:
             out[f"gather_nonmain_is_none_{tag}"] = gathered is None
-    out["gather_nonmain_is_none"] = kd_dist.gather_from_ranks(
+    out["gather_nonmain_is_none"] = process_group.gather_from_ranks(
         float(out.get("gather_nonmain_is_none_broadcast", True))
     )
     unsharded_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
-    out["local_bytes_fraction"] = kd_dist.gather_from_ranks(
-        kd_dist.local_parameter_bytes(model) / unsharded_bytes
+    out["local_bytes_fraction"] = process_group.gather_from_ranks(
+        parallel.local_parameter_bytes(model) / unsharded_bytes
     )
     out["unsharded_bytes_single_process_formula"] = unsharded_bytes
     return out
@@ -199,7 +199,7 @@ def check_gradients_and_resume(ref: nn.Module, full_sd: dict[str, Tensor], out_d
 
     # Clipping: the global norm covers both ranks' shards.
     max_norm = 0.5
-    out["clip_norm"] = kd_dist.clip_grad_norm_(model, max_norm).item()
+    out["clip_norm"] = parallel.clip_grad_norm_(model, max_norm).item()
     out["clip_norm_reference"] = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item()
     out["clipped_grad_max_abs_diff"] = max_abs_diff(full_grads(model), full_grads(ref))
 
@@ -210,28 +210,28 @@ def check_gradients_and_resume(ref: nn.Module, full_sd: dict[str, Tensor], out_d
     optimizer = make_optimizer(model.parameters())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    saved_model = kd_dist.gather_full_state_dict(model, trainable_only=False)
-    saved_optim = kd_dist.gather_full_optimizer_state_dict(model, optimizer)
+    saved_model = state_dicts.gather_full_state_dict(model, trainable_only=False)
+    saved_optim = state_dicts.gather_full_optimizer_state_dict(model, optimizer)
     next_tokens, next_labels = make_batch(3)
     distributed_backward(model, next_tokens, next_labels, micro=1)
     optimizer.step()
-    uninterrupted = kd_dist.gather_full_state_dict(model, trainable_only=False)
+    uninterrupted = state_dicts.gather_full_state_dict(model, trainable_only=False)
     saved_step_after = (
         saved_optim["state"]["tok_embeddings.weight"]["step"].item()
-        if kd_dist.is_main_process()
+        if process_group.is_main_process()
         else None
     )
 
     # Resume: a fresh sharded model + optimizer from rank 0's saved copies, one more step.
     resumed, _ = sharded_model(saved_model)
     resumed_optimizer = make_optimizer(resumed.parameters())
-    kd_dist.load_full_optimizer_state_dict(
+    state_dicts.load_full_optimizer_state_dict(
         resumed, resumed_optimizer, saved_optim, broadcast_from_rank0=True
     )
     distributed_backward(resumed, next_tokens, next_labels, micro=1)
     resumed_optimizer.step()
-    after_resume = kd_dist.gather_full_state_dict(resumed, trainable_only=False)
-    if kd_dist.is_main_process():
+    after_resume = state_dicts.gather_full_state_dict(resumed, trainable_only=False)
+    if process_group.is_main_process():
         out["resume_max_abs_diff"] = max_abs_diff(after_resume, uninterrupted)
         out["resume_bitwise"] = all(
             torch.equal(after_resume[k], uninterrupted[k]) for k in saved_model
@@ -298,11 +298,11 @@ def check_options(ref: nn.Module, full_sd: dict[str, Tensor]) -> dict[str, Any]:
     offloaded, _ = sharded_model(full_sd, cpu_offload=True)
     distributed_backward(offloaded, tokens, labels, micro=1)
     out["offload_grad_max_abs_diff"] = max_abs_diff(full_grads(offloaded), reference_grads)
-    before = kd_dist.gather_full_state_dict(offloaded, trainable_only=False)
+    before = state_dicts.gather_full_state_dict(offloaded, trainable_only=False)
     optimizer = torch.optim.AdamW(offloaded.parameters(), lr=1e-2)
     optimizer.step()
-    after = kd_dist.gather_full_state_dict(offloaded, trainable_only=False)
-    if kd_dist.is_main_process():
+    after = state_dicts.gather_full_state_dict(offloaded, trainable_only=False)
+    if process_group.is_main_process():
         out["offload_step_moved_params"] = max_abs_diff(after, before)
 
     mixed, _ = sharded_model(full_sd, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -316,14 +316,14 @@ def check_options(ref: nn.Module, full_sd: dict[str, Tensor]) -> dict[str, Any]:
     )
 
     def wrap(model: nn.Module) -> None:
-        kd_dist.apply_activation_checkpointing(model)
-        kd_dist.apply_compile(model, backend="eager")
+        parallel.apply_activation_checkpointing(model)
+        parallel.apply_compile(model, backend="eager")
 
     wrapped, _ = sharded_model(full_sd, before_shard=wrap)
     out["ac_compile_loss"] = distributed_backward(wrapped, tokens, labels, micro=1)
     out["ac_compile_grad_max_abs_diff"] = max_abs_diff(full_grads(wrapped), reference_grads)
-    wrapped_sd = kd_dist.gather_full_state_dict(wrapped, trainable_only=False)
-    if kd_dist.is_main_process():
+    wrapped_sd = state_dicts.gather_full_state_dict(wrapped, trainable_only=False)
+    if process_group.is_main_process():
         out["ac_compile_state_dict_keys_clean"] = sorted(wrapped_sd) == sorted(full_sd)
     with torch.no_grad():
         out["reference_loss_options"] = (
@@ -351,8 +351,8 @@ def check_lora(ref: nn.Module, full_sd: dict[str, Tensor]) -> dict[str, Any]:
     distributed_backward(lora, tokens, labels, micro=1)
     grads = full_grads(lora)
     out["lora_grad_names_all_adapters"] = bool(grads) and all(".lora_" in k for k in grads)
-    adapters = kd_dist.gather_full_state_dict(lora, trainable_only=True)
-    if kd_dist.is_main_process():
+    adapters = state_dicts.gather_full_state_dict(lora, trainable_only=True)
+    if process_group.is_main_process():
         out["lora_adapter_keys"] = sorted(adapters)
         out["lora_adapter_keys_match_missing"] = sorted(adapters) == sorted(keys.missing_keys)
         out["lora_adapter_a_shape"] = list(adapters["layers.0.attn.q_proj.lora_a.weight"].shape)
@@ -364,10 +364,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     start = time.perf_counter()
-    info = kd_dist.init_distributed("cpu")
+    rank, world_size, _ = process_group.init_distributed("cpu")
     results: dict[str, Any] = {
-        "world_size": info.world_size,
-        "ranks_is_main": kd_dist.gather_from_ranks(float(info.is_main)),
+        "world_size": world_size,
+        "ranks_is_main": process_group.gather_from_ranks(float(rank == 0)),
     }
     ref = reference_model(seed=0)
     full_sd = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -384,11 +384,11 @@ def main() -> None:
         check_start = time.perf_counter()
         results[name] = check()
         results[name]["seconds"] = time.perf_counter() - check_start
-    results["peak_memory_gib"] = kd_dist.gather_from_ranks(kd_dist.peak_memory_gib("cpu"))
+    results["peak_memory_gib"] = process_group.gather_from_ranks(metrics.peak_memory_gib("cpu"))
     results["seconds"] = time.perf_counter() - start
-    if info.is_main:
+    if rank == 0:
         (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    kd_dist.teardown()
+    process_group.teardown()
 
 
 if __name__ == "__main__":

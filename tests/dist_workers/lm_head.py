@@ -1,7 +1,7 @@
 """torchrun worker for tests/test_lm_head.py: the fused loss under FSDP2 equals the plain model.
 
 Launched as ``python -m torch.distributed.run --standalone --nproc_per_node 2
-tests/_dist_lm_head_worker.py --out RESULT.json`` (gloo, CPU). For each way of sharding a tiny
+tests/dist_workers/lm_head.py --out RESULT.json`` (gloo, CPU). For each way of sharding a tiny
 torchtune Llama-3 student (torchtune's ``shard_model`` layout, a root kept unsharded after
 forward, the output layer in a group of its own, tied embeddings), every rank computes the
 fused KD + CE loss on its own micro-batch from :func:`forward_hidden` and

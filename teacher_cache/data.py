@@ -1,0 +1,47 @@
+"""Sample identity: the dataset yields each sample's index and the batch carries it.
+
+The cache stores rows per *sample index* (the position of the sample in the tokenised training
+dataset), so training finds a batch's teacher rows whatever the shuffling, the process count
+or the resume point. A sample's rows are its *target positions*: the positions ``t`` whose
+shifted label (the token at ``t + 1``) is not ``ignore_index``, in order; that is exactly
+where the losses are summed.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from torch import Tensor
+
+# The loader's sample identity lives with the recipe's data pipeline (on-policy steps use it too).
+from kdtune.training.data import (
+    SAMPLE_INDEX,
+    IndexedDataset,
+    collate_with_sample_index,
+)
+
+__all__ = [
+    "SAMPLE_INDEX",
+    "IndexedDataset",
+    "collate_with_sample_index",
+    "row_fingerprint",
+    "target_positions",
+]
+
+
+def target_positions(shifted_labels: Tensor, ignore_index: int) -> Tensor:
+    """``[S]`` shifted labels of one sample -> int64 positions of its targets, ascending."""
+    return (shifted_labels != ignore_index).nonzero().flatten()
+
+
+def row_fingerprint(shifted_labels: Tensor, ignore_index: int) -> int:
+    """A checksum of where a sample's targets are and what they are (crc32 of both).
+
+    Stored per sample in the cache and recomputed from every training batch: a cache built
+    from other data (or another tokenisation) cannot be joined to it silently.
+    """
+    positions = target_positions(shifted_labels, ignore_index)
+    targets = shifted_labels[positions]
+    payload = np.concatenate([positions.cpu().numpy(), targets.cpu().numpy()]).astype(np.int64)
+    return zlib.crc32(payload.tobytes())

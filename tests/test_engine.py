@@ -1,0 +1,227 @@
+"""The loss engine itself: one pass per chunk, compiled math, lean defaults, CUDA bf16 weights.
+
+Values are checked against the engine's own eager path or the references of
+tests/test_losses.py and tests/test_fused.py (imported by path, as the benchmarks do).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kdtune.losses import ChunkedKDLoss, FusedLinearKDLoss, TopKTeacher
+from kdtune.losses._math import ChunkMath, chunk_objective
+from kdtune.losses.engine import TEMPORARIES_PER_ROW, rows_per_chunk
+
+pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
+
+
+def _load(name: str):
+    path = Path(__file__).with_name(name)
+    spec = importlib.util.spec_from_file_location(f"_engine_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocabulary-sized temporaries of one chunk
+
+
+class _NewLargeTensors(TorchDispatchMode):
+    """Records ops whose output is new memory of at least ``numel`` elements (not in-place), and
+    the most such outputs alive at once."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.ops, self.alive, self.peak = numel, [], [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        seen = {t.untyped_storage().data_ptr() for t in inputs}
+        out = func(*args, **kwargs)
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if (
+                isinstance(tensor, Tensor)
+                and tensor.numel() >= self.numel
+                and tensor.untyped_storage().data_ptr() not in seen
+            ):
+                self.ops.append(str(func.overloadpacket.__name__))
+                self.alive = [ref for ref in self.alive if ref() is not None]
+                self.alive.append(weakref.ref(tensor))
+                self.peak = max(self.peak, len(self.alive))
+        return out
+
+
+def _count(divergence: str, dtype: torch.dtype, temperature: float = 1.0) -> _NewLargeTensors:
+    rows, vocab = 16, 512
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(rows, vocab, generator=g).to(dtype)
+    teacher = torch.randn(rows, vocab, generator=g).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    keep = torch.ones(rows, dtype=torch.bool)
+    weight = torch.full((rows,), 0.5)
+    math_ = ChunkMath(divergence, temperature=temperature, with_ce=True)
+    with _NewLargeTensors(rows * vocab) as mode:
+        chunk_objective(math_, student, teacher, labels, keep, weight, weight, True, False, False)
+    return mode
+
+
+def test_forward_kl_with_ce_allocates_four_vocabulary_sized_buffers():
+    """KD + CE of an fp32 chunk: log q, q, log p, p; the gradient reuses log q's buffer.
+
+    bf16 chunks add one transient upcast per log_softmax. Guards the pass count.
+    """
+    fp32 = _count("forward_kl", torch.float32)
+    assert fp32.ops == ["_log_softmax", "exp", "_log_softmax", "exp"]
+    bf16 = _count("forward_kl", torch.bfloat16)
+    assert len(bf16.ops) == 6 and bf16.ops.count("_to_copy") == 2
+    for name in ("reverse_kl", "symmetric_kl", "jsd", "skew_forward_kl", "total_variation"):
+        assert len(_count(name, torch.float32).ops) <= 6, name
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_chunk_budget_covers_every_divergence(dtype, temperature):
+    """Buffers alive at once inside the objective, plus the chunk's two logit buffers and the
+    gradient's input-dtype copy (fused path), stay within ``TEMPORARIES_PER_ROW``."""
+    for name in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "skew_reverse_kl"):
+        peak = _count(name, dtype, temperature).peak
+        assert peak + 3 <= TEMPORARIES_PER_ROW, (name, peak)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled per-chunk math
+
+
+def test_compiled_chunk_math_equals_eager_without_graph_breaks():
+    """``compile()`` compiles :func:`chunk_objective` only (fullgraph: no break inside it)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 12, 40, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 12, 40, generator=g)
+    labels = torch.randint(0, 40, (2, 12), generator=g)
+    labels[0, :3] = -100
+    eager = ChunkedKDLoss("jsd", {"beta": 0.4}, 4, temperature=2.0)
+    compiled = ChunkedKDLoss("jsd", {"beta": 0.4}, 4, temperature=2.0)
+    compiled.compile(backend="aot_eager", fullgraph=True)
+    results = []
+    for loss in (eager, compiled):
+        out = loss.kd_and_ce(
+            list(student.chunk(4, 1)), list(teacher.chunk(4, 1)), labels, kd_ratio=0.3
+        )
+        results.append((out.loss, *torch.autograd.grad(out.loss, student)))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+    counters = torch._dynamo.utils.counters
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Lean defaults
+
+
+def test_default_chunk_rows_come_from_the_memory_budget():
+    assert rows_per_chunk(4096, 128_256, num_chunks=8) == 261
+    assert rows_per_chunk(16_384, 128_256, num_chunks=8) == 261  # flat in the sequence length
+    assert rows_per_chunk(100, 128_256, num_chunks=8) == 13  # short inputs: num_chunks
+    assert rows_per_chunk(4096, 128_256, chunk_size=64) == 64
+    assert rows_per_chunk(4096, 128_256, num_chunks=8, memory_mb=256) == 65
+
+
+class _LogitRows(TorchDispatchMode):
+    """The most rows of any ``[rows, vocab]`` tensor an op creates (a chunk of logits)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(tensor, Tensor) and tensor.dim() == 2 and tensor.shape[1] == self.vocab:
+                self.rows = max(self.rows, tensor.shape[0])
+        return out
+
+
+def test_default_fused_chunks_do_not_grow_with_the_sequence():
+    g = torch.Generator().manual_seed(2)
+    vocab, dim = 1024, 8
+    weight = torch.randn(vocab, dim, generator=g, requires_grad=True)
+    teacher_weight = torch.randn(vocab, dim, generator=g)
+    budget_rows = rows_per_chunk(10**6, vocab, memory_mb=1)
+    for seq in (8 * budget_rows, 32 * budget_rows):
+        hidden = torch.randn(1, seq, dim, generator=g, requires_grad=True)
+        with _LogitRows(vocab) as mode:
+            FusedLinearKDLoss(chunk_memory_mb=1)(
+                hidden,
+                weight,
+                torch.zeros(1, seq, dtype=torch.long),
+                kd_ratio=0.5,
+                teacher_hidden=hidden.detach(),
+                teacher_weight=teacher_weight,
+            )
+        assert mode.rows == budget_rows == 32
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: bf16 tensor-core weight-gradient accumulation (fp32 output, row blocks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_weight_gradient_accumulates_in_fp32():
+    fused_tests = _load("test_fused.py")
+    inputs = fused_tests.make_inputs(
+        batch=4, seq=64, vocab=96, dim=32, teacher_dim=24, dtype=torch.bfloat16
+    )
+    inputs.pop("student_bias")
+    inputs = {k: v.detach().cuda().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    out = fused_tests.fused(FusedLinearKDLoss(chunk_size=2), inputs, kd_ratio=0.5)
+    out.loss.backward()
+    cpu = {k: v.detach().cpu() for k, v in inputs.items()}
+    # CUDA's fp32-output matmul is exact up to fp32 summation order, so the CPU reference's
+    # tolerance (one bf16 rounding of the fp32 sum) applies; a bf16 accumulator would not pass
+    # (tests/test_fused.py::test_bf16_weight_gradient_accumulation_is_discriminating).
+    # CUDA forms fp32 logits from bf16 inputs and multiplies the bf16-rounded logit gradient
+    # by the hidden states with fp32 output: the same product in fp32 on the CPU, then one bf16
+    # rounding of the sum (a bf16 accumulator over these 128 chunks is far off this tolerance:
+    # tests/test_fused.py::test_bf16_weight_gradient_accumulation_is_discriminating).
+    h = cpu["student_hidden"].reshape(-1, 32).float()
+    logits = (h @ cpu["student_weight"].float().t()).requires_grad_()
+    teacher = cpu["teacher_hidden"].reshape(-1, 24).float() @ cpu["teacher_weight"].float().t()
+    loss, _, _ = fused_tests.reference_losses(logits, teacher, cpu["labels"], kd_ratio=0.5)
+    (grad_logits,) = torch.autograd.grad(loss, [logits])
+    expected = grad_logits.to(torch.bfloat16).float().t() @ h
+    grad_weight = inputs["student_weight"].grad
+    assert grad_weight.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        grad_weight.float().cpu(), expected, rtol=2**-8, atol=1e-3 * expected.abs().max().item()
+    )
+    torch.testing.assert_close(out.loss.cpu(), loss.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_topk_teacher_rows_follow_the_fused_chunks():
+    """A TopKTeacher row is paired with its own token in every chunk layout."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 4, generator=g)
+    weight = torch.randn(20, 4, generator=g)
+    labels = torch.randint(0, 20, (2, 9), generator=g)
+    log_p = F.log_softmax(torch.randn(2, 9, 20, generator=g), -1)
+    values, ids = log_p.topk(20, -1)
+    teacher = TopKTeacher(ids, values, torch.full((2, 9), float("-inf")))
+    dense = FusedLinearKDLoss(chunk_size=18)(
+        hidden, weight, labels, kd_ratio=0.5, teacher_logits=log_p
+    )
+    for rows in (1, 4, 7):
+        sparse = FusedLinearKDLoss(chunk_size=rows)(
+            hidden, weight, labels, kd_ratio=0.5, teacher_topk=teacher
+        )
+        torch.testing.assert_close(sparse.loss, dense.loss)
