@@ -27,6 +27,7 @@ Contract (every entry point):
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,9 +171,7 @@ class WeightGradAccumulator:
 
     def __init__(self, weight: Tensor) -> None:
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        # Not zero-filled: the first chunk writes it (a zero fill is a weight-sized pass).
-        self.total = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-        self._empty = True
+        self.total = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         self._lowp_out_fp32 = _supports_fp32_out_dtype(weight)
 
     def add(self, grad_logits: Tensor, grad_logits_lowp: Tensor, hidden: Tensor) -> None:
@@ -181,22 +180,12 @@ class WeightGradAccumulator:
             grad_t = grad_logits_lowp.t()
             for start in range(0, self.total.shape[0], self.ROW_BLOCK):
                 block = slice(start, start + self.ROW_BLOCK)
-                product = torch.mm(grad_t[block], hidden, out_dtype=torch.float32)
-                _ = (
-                    self.total[block].copy_(product)
-                    if self._empty
-                    else self.total[block].add_(product)
-                )
+                self.total[block].add_(torch.mm(grad_t[block], hidden, out_dtype=torch.float32))
         else:
-            hidden = hidden.to(self.total.dtype)
-            if self._empty:
-                torch.mm(grad_logits.t(), hidden, out=self.total)
-            else:
-                self.total.addmm_(grad_logits.t(), hidden)
-        self._empty = False
+            self.total.addmm_(grad_logits.t(), hidden.to(self.total.dtype))
 
     def result(self, dtype: torch.dtype) -> Tensor:
-        return (self.total.zero_() if self._empty else self.total).to(dtype)
+        return self.total.to(dtype)
 
 
 class Projection:
@@ -487,6 +476,18 @@ class EngineLoss(torch.nn.Module):
         self.topk_mode = topk_mode
         self._params = tuple(sorted(resolved.items()))
         self._objective: Callable[..., Any] = chunk_objective
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each loss class its full signature (``**options`` spelled out), so that config
+        checks and ``--help`` see every option and its default."""
+        super().__init_subclass__(**kwargs)
+        own = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if own and own[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            names = {p.name for p in own}
+            shared = inspect.signature(EngineLoss.__init__).parameters.values()
+            extra = [p for p in shared if p.kind is p.KEYWORD_ONLY and p.name not in names]
+            own = own[:-1] + extra
+        cls.__signature__ = inspect.Signature(own)
 
     def compile(self, backend: str = "inductor", **kwargs: Any) -> None:  # type: ignore[override]
         """Compile the per-chunk math (:func:`chunk_objective` on finite dense chunks) only."""

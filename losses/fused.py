@@ -23,7 +23,7 @@ logit gradients are fp32; the weight gradient is accumulated across chunks in fp
 the weight's dtype once; the hidden-state gradient is a matmul in the input dtype.
 
 Chunk size. ``chunk_size`` rows when given; otherwise at most ``ceil(B * S / num_chunks)`` rows
-(``num_chunks`` defaults to 1) and at most what fits ``chunk_memory_mb`` (default 1024 MiB) of
+(``num_chunks=8``) and at most what fits ``chunk_memory_mb`` (default 1024 MiB) of
 fp32 vocabulary-sized temporaries (:func:`kdtune.losses.engine.rows_per_chunk`: 261 rows at V = 128,256), so the
 default peak memory does not grow with the sequence length.
 """
@@ -205,9 +205,8 @@ class FusedLinearKDLoss(EngineLoss):
 
     Args:
         divergence, divergence_params: see :class:`kdtune.losses.engine.EngineLoss`.
-        num_chunks: at most ``ceil(B * S / num_chunks)`` rows per chunk (torchtune's knob; the
-            default 1 leaves the chunk size to the memory budget alone, which gives the fewest,
-            largest chunks within it: every chunk re-reads the weight and its gradient).
+        num_chunks: at most ``ceil(B * S / num_chunks)`` rows per chunk (torchtune's knob);
+            long inputs are cut further by the memory budget.
         ignore_index, temperature, temperature_squared, reduction, vocab_columns, topk_mode:
             see :class:`kdtune.losses.engine.EngineLoss`.
         chunk_size: rows per chunk; when given it overrides ``num_chunks`` and the budget.
@@ -227,7 +226,7 @@ class FusedLinearKDLoss(EngineLoss):
         self,
         divergence: str = "forward_kl",
         divergence_params: dict[str, float] | None = None,
-        num_chunks: int = 1,
+        num_chunks: int = 8,
         ignore_index: int = -100,
         *,
         chunk_size: int | None = None,
