@@ -217,6 +217,10 @@ DELEGATED: dict[str, tuple[str, str]] = {
         "write the tiny offline assets (tokenizer, checkpoints, data)",
         "kdtune.assets.__main__:main",
     ),
+    "smollm2": (
+        "SmolLM2-135M-Instruct: set-up, layer pruning, scoring, the real demo",
+        "kdtune.smollm2.cli:main",
+    ),
 }
 """Subcommands with an argument parser of their own: ``kdtune NAME ARGS`` calls
 ``entry(ARGS)``; ``kdtune NAME --help`` shows that parser's help."""
@@ -248,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kdtune`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"] and "--real" in argv:  # the real-model demo: kdtune smollm2 demo
+        argv = ["smollm2", "demo", *(arg for arg in argv[1:] if arg != "--real")]
     if argv and argv[0] in DELEGATED:
         return _run_delegated(argv[0], argv[1:])
     parser = build_parser()
