@@ -142,3 +142,30 @@ def test_no_cuda_sync_outside_logging_steps(tiny_assets, tmp_path, monkeypatch):
     recipe.train()
     recipe.cleanup()
     assert len(read_metrics(tmp_path / "out", kind="train")) == STEPS
+
+
+def test_an_enabled_profiler_writes_a_trace_of_the_active_steps(tiny_assets, tmp_path):
+    """``profiler`` is torchtune's ``setup_torch_profiler``, stepped once per optimizer step."""
+    profile_dir = tmp_path / "profile"
+    profiler = (
+        "profiler={_component_: torchtune.training.setup_torch_profiler, enabled: true, "
+        "cpu: true, cuda: false, xpu: false, wait_steps: 1, warmup_steps: 1, active_steps: 1, "
+        f"num_cycles: 1, output_dir: {profile_dir}}}"
+    )
+    cfg = load_config(
+        resolve_config("tiny/full_chunked"),
+        [
+            f"assets_dir={tiny_assets.root}",
+            f"output_dir={tmp_path / 'out'}",
+            "max_steps_per_epoch=4",
+            "epochs=1",
+            "validate_every_n_steps=null",
+            profiler,
+        ],
+    )
+    recipe = KDRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+    traces = list(profile_dir.rglob("*.json")) + list(profile_dir.rglob("*.json.gz"))
+    assert traces, f"no trace under {profile_dir}: {list(profile_dir.rglob('*'))}"
