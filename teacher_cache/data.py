@@ -1,10 +1,11 @@
-"""Sample identity: the dataset yields each sample's index and the batch carries it.
+"""A cached sample's rows: joined to a training batch by its ``sample_index``.
 
 The cache stores rows per *sample index* (the position of the sample in the tokenised training
 dataset), so training finds a batch's teacher rows whatever the shuffling, the process count
 or the resume point. A sample's rows are its *target positions*: the positions ``t`` whose
 shifted label (the token at ``t + 1``) is not ``ignore_index``, in order; that is exactly
-where the losses are summed.
+where the losses are summed. (The training loader's batches carry ``sample_index``:
+:class:`kdtune.training.data.IndexedDataset`.)
 """
 
 from __future__ import annotations
@@ -13,21 +14,6 @@ import zlib
 
 import numpy as np
 from torch import Tensor
-
-# The loader's sample identity lives with the recipe's data pipeline (on-policy steps use it too).
-from kdtune.training.data import (
-    SAMPLE_INDEX,
-    IndexedDataset,
-    collate_with_sample_index,
-)
-
-__all__ = [
-    "SAMPLE_INDEX",
-    "IndexedDataset",
-    "collate_with_sample_index",
-    "row_fingerprint",
-    "target_positions",
-]
 
 
 def target_positions(shifted_labels: Tensor, ignore_index: int) -> Tensor:

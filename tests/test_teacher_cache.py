@@ -19,13 +19,18 @@ from torchtune import config, training
 
 from kdtune.cli.registry import load_config, resolve_config
 from kdtune.teacher_cache.build import BUILD_STATS, BuildOptions, build_teacher_cache
-from kdtune.teacher_cache.data import IndexedDataset, collate_with_sample_index
 from kdtune.teacher_cache.encoding import TopKCodec, knot_ranks, pack_ids, unpack_ids
 from kdtune.teacher_cache.reader import TeacherCache
 from kdtune.teacher_cache.source import open_for_training
 from kdtune.teacher_cache.topk import topk_logprobs
 from kdtune.training.config_checks import ConfigError
-from kdtune.training.data import build_dataset, sft_collate, shift_labels
+from kdtune.training.data import (
+    IndexedDataset,
+    build_dataset,
+    collate_with_sample_index,
+    sft_collate,
+    shift_labels,
+)
 
 LLAMA3_VOCAB = 128_256
 IGNORE = -100

@@ -277,7 +277,8 @@ def generate(
                 input_pos=positions[:, at : at + 1],
                 mask=masks[:, at : at + 1],
             )
-    tokens = [_cut_at_stop(row, set(stop_ids)) for row in completions.tolist()]
+    stop_set = set(stop_ids)
+    tokens = [_cut_at_stop(row, stop_set) for row in completions.tolist()]
     values = [row[: len(kept)] for row, kept in zip(logprobs.tolist(), tokens)]
     return Completions(tokens, values)
 
