@@ -143,7 +143,7 @@ def demo_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="work folder")
     parser.add_argument("--orders", type=int, nargs="+", default=[0, 1], help="data-order seeds")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=36, help="optimizer steps per run")
     parser.add_argument(
         "--eval-records", type=int, default=8, help="held-out records scored (128 tokens each)"
     )
