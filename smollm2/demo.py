@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,10 +82,17 @@ def train_arm(root: Path, arm: str, seed: int, steps: int, overrides: list[str])
         f"max_steps_per_epoch={steps}",
         *overrides,
     ]
+    # Each demo run trains from the pruned start: an earlier demo's run folder is replaced
+    # (the recipe refuses to start a fresh run over another run's checkpoints).
+    shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f"{arm}.log"
     started = time.perf_counter()
-    with (out.parent / f"{arm}.log").open("w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise SystemExit(f"[demo --real] the {arm} run failed; its log is {log_path}:\n{tail}")
     seconds = time.perf_counter() - started
     train = [
         json.loads(line)

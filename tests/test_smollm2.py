@@ -532,3 +532,34 @@ def test_demo_table_and_verdict():
     assert verdict(orders) == (
         "KD beats CE-only on held-out perplexity and KL to teacher in 1/2 data order(s)."
     )
+
+
+def test_a_second_demo_run_starts_each_arm_afresh(tmp_path, monkeypatch):
+    """``kdtune demo --real`` run twice: each arm's folder from the first run is replaced, so
+    the recipe starts fresh instead of refusing the earlier run's checkpoints."""
+    import subprocess
+
+    from kdtune.smollm2 import demo
+
+    stale = tmp_path / "runs" / "order0" / "kd" / "checkpoints" / "step_0000012"
+    stale.mkdir(parents=True)
+
+    def fake_run(command, stdout, stderr):
+        out = Path(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1])
+        assert not out.exists()  # the earlier run's folder is gone before the recipe starts
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.5}\n')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    assert demo.train_arm(tmp_path, "kd", 0, 12, []) == tmp_path / "runs" / "order0" / "kd"
+
+    def failing_run(command, stdout, stderr):
+        stdout.write("Traceback ...\nValueError: something named\n")
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(demo.subprocess, "run", failing_run)
+    with pytest.raises(
+        SystemExit, match=r"(?s)the ce run failed; its log is .*ce\.log.*something named"
+    ):
+        demo.train_arm(tmp_path, "ce", 0, 12, [])
