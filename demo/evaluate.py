@@ -31,7 +31,7 @@ from kdtune.demo.metrics import (
     true_next_token_probs,
     true_token_logprobs,
 )
-from kdtune.demo.task import ChainTask, parse_record
+from kdtune.demo.task import ChainTask, parse_record, sample_answer
 from kdtune.demo.tokenizer import WordTokens
 from kdtune.training.checkpointing import latest_checkpoint
 from kdtune.training.config_checks import describe_model
@@ -257,9 +257,7 @@ def truth_sample_metrics(task: ChainTask, held_out: HeldOutPrompts) -> dict:
     rng = random.Random(SAMPLE_SEED)
     sums = SampleSums()
     for start in held_out.starts:
-        output = [_draw_from(rng, task.first_step_probs(start))]
-        while (step := _draw_from(rng, task.next_step_probs(output[-1]))) < task.num_words:
-            output.append(step)
+        output = sample_answer(task, start, rng)
         answer = held_out.words.answer_ids(output)
         true_logprobs, valid = true_token_logprobs(
             task, held_out.words, start, answer, held_out.vocab_size
@@ -267,10 +265,6 @@ def truth_sample_metrics(task: ChainTask, held_out: HeldOutPrompts) -> dict:
         exact = sum(math.log(p) for p in _true_step_probs(task, start, output))
         sums.add(exact, true_logprobs, valid)
     return sums.means()
-
-
-def _draw_from(rng: random.Random, probs: list[float]) -> int:
-    return rng.choices(range(len(probs)), weights=probs)[0]
 
 
 def _true_step_probs(task: ChainTask, start: int, output: list[int]) -> list[float]:

@@ -186,11 +186,16 @@ def _draw(rng: random.Random, probs: list[float]) -> int:
 def sample_chain(task: ChainTask, rng: random.Random) -> tuple[int, list[int]]:
     """One (start word, output words) pair, as word indices; the output has >= 1 word."""
     start = rng.randrange(task.num_words)
+    return start, sample_answer(task, start, rng)
+
+
+def sample_answer(task: ChainTask, start: int, rng: random.Random) -> list[int]:
+    """The output words of one answer after start word ``start`` (>= 1 word), as indices."""
     output = [_draw(rng, task.first_step_probs(start))]
     while True:
         step = _draw(rng, task.next_step_probs(output[-1]))
         if step == task.num_words:  # the end column
-            return start, output
+            return output
         output.append(step)
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -127,10 +126,8 @@ def check_answers(dataset: Any, settings: OnPolicySettings, *, key: str = "datas
 
 def _lockstep_finished(finished: Tensor) -> bool:
     """True once every row on every rank has stopped (one all-reduce per decode step)."""
-    done = finished.all().to(torch.int32).reshape(1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)
-    return bool(done.item())
+    running = (~finished.all()).to(torch.int32).reshape(1)  # 1 while this rank has rows left
+    return not bool(all_reduce_sum(running).item())
 
 
 class Rollout:
