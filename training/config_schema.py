@@ -167,6 +167,23 @@ class RecipeConfig:
         "LoRA/DoRA students: save only the adapter, not merged weights", False
     )
     metric_logger: Component = key("torchtune metric logger (_component_)")
+    on_non_finite: str = key(
+        "a step whose loss or gradient norm is NaN/inf: stop (error naming the step and the "
+        "last good checkpoint; nothing non-finite is saved) or skip (no update; costs one host "
+        "read per step)",
+        "stop",
+        choices=("stop", "skip"),
+    )
+    max_non_finite_steps: int = key(
+        "on_non_finite: skip: stop with an error once this many steps were skipped in the run",
+        10,
+        minimum=1,
+    )
+    scan_dataset: bool = key(
+        "before any weights load, tokenize every training sample once and report samples, "
+        "target tokens, truncated samples and samples with no target (false: skip the scan)",
+        True,
+    )
     log_every_n_steps: int = key(
         "log to metric_logger and the progress bar every N optimizer steps", 1, minimum=1
     )
@@ -179,6 +196,13 @@ class RecipeConfig:
         "torch profiler (torchtune.training.setup_torch_profiler; enabled: false is a no-op), "
         "or null",
         None,
+    )
+    collective_timeout_minutes: float = key(
+        "multi-process runs: a collective that waits longer than this (a stopped or hung "
+        "rank) fails the run instead of hanging",
+        60.0,
+        above=0.0,
+        multi_process=True,
     )
     fsdp_cpu_offload: bool = key(
         "multi-process runs: keep parameter shards, gradients and optimizer state in CPU memory "
