@@ -44,6 +44,11 @@ CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST_FILENAME = "manifest.json"
 TRAINING_STATE_FILENAME = "training_state.pt"
 ADAPTER_FILENAME = "adapter_model.pt"
+MODEL_DIRNAME = "model"
+"""Subfolder of a step checkpoint: the student as a Hugging Face model folder (issue 11 layout:
+``step_N/{model/, adapter/, training_state.pt, manifest.json}``)."""
+ADAPTER_DIRNAME = "adapter"
+"""Subfolder of a LoRA/DoRA student's step checkpoint: the PEFT adapter folder."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
