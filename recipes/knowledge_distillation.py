@@ -14,12 +14,12 @@ before any model is built; one process or many is one code path (FSDP2 via
 :mod:`~kdtune.training.parallel`, no-ops in one process).
 
 Outputs in ``output_dir``: ``metrics.jsonl``, ``checkpoints/step_N/`` (HF weights + training
-state, written atomically) and whatever the configured ``metric_logger`` writes.
+state, written atomically; never after a NaN/inf step: :mod:`~kdtune.training.guard`) and
+``logs/`` (:mod:`~kdtune.training.console`; the ``metric_logger`` writes there too).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from kdtune import __version__
 from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import checkpointing as ckpt
-from kdtune.training import parallel, process_group, state_dicts
+from kdtune.training import console, parallel, process_group, state_dicts
 from kdtune.training.config_checks import (
     check_config,
     check_vocabularies,
@@ -51,6 +51,7 @@ from kdtune.training.data import (
     shift_labels,
     steps_per_epoch,
 )
+from kdtune.training.guard import SKIPPED_KEY, NonFiniteGuard
 from kdtune.training.metrics import (
     MetricsWriter,
     PendingStep,
@@ -75,7 +76,7 @@ from kdtune.training.runtime import (
     setup_runtime,
     trainable_parameters,
 )
-from kdtune.training.steps import MicroBatchLoss
+from kdtune.training.steps import MicroBatchLoss, build_lr_scheduler, optimizer_step
 from kdtune.training.validation import validate
 
 log = utils.get_logger("INFO")
@@ -104,6 +105,7 @@ class KDRecipe(FTRecipeInterface):
         self.epoch = 0
         self.steps_in_epoch = 0
         self._metrics = MetricsWriter(self._output_dir, enabled=self._runtime.is_main)
+        self._guard = NonFiniteGuard(cfg.on_non_finite, int(cfg.max_non_finite_steps))
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -122,6 +124,7 @@ class KDRecipe(FTRecipeInterface):
         if resumed is not None:
             seed = ckpt.saved_seed(resumed, cfg.seed)
             self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
+            self._guard.resumed(resume_folder, resumed["progress"])
 
         self._tokenizer = config.instantiate(cfg.tokenizer)
         check_vocabularies(cfg, self._tokenizer)
@@ -135,6 +138,7 @@ class KDRecipe(FTRecipeInterface):
         self._step_log = StepLog(
             self._metrics, self._metric_logger, cfg.log_every_n_steps, memory_stats
         )
+        self._step_log.check = self._guard.check_records  # raises on a NaN/inf or empty step
 
         self._student = self._setup_student(cfg, resume_folder)
         self._teacher = self._setup_teacher(cfg)
@@ -160,15 +164,8 @@ class KDRecipe(FTRecipeInterface):
         self._total_steps = int(cfg.epochs) * self._steps_per_epoch
         if resumed is not None:
             self._restore_progress(resumed)
-        self._lr_scheduler = (
-            config.instantiate(
-                cfg.lr_scheduler,
-                self._optimizer,
-                num_training_steps=self._total_steps,
-                last_epoch=self.global_step - 1,
-            )
-            if cfg.lr_scheduler is not None
-            else None
+        self._lr_scheduler = build_lr_scheduler(
+            cfg.lr_scheduler, self._optimizer, self._total_steps, self.global_step
         )
         # Steps after the checkpoint are redone; a fresh run starts a fresh file.
         self._metrics.truncate_after(self.global_step)
@@ -184,7 +181,7 @@ class KDRecipe(FTRecipeInterface):
             f"Setup done: {'LoRA' if self._is_lora else 'full'} student, "
             f"{'fused' if self._fused else 'chunked'} loss, {runtime.world_size} process(es), "
             f"{self._steps_per_epoch} steps/epoch, {start}; parameter GiB per rank: "
-            f"{parameter_memory['param_memory_gib']}"
+            f"{[round(gib, 4) for gib in parameter_memory['param_memory_gib']]}"
         )
 
     def _setup_student(self, cfg: DictConfig, resume_folder: Path | None) -> nn.Module:
@@ -255,6 +252,7 @@ class KDRecipe(FTRecipeInterface):
             "global_step": self.global_step,
             "epoch": self.epoch,
             "steps_in_epoch": self.steps_in_epoch,
+            SKIPPED_KEY: self._guard.skipped,
         }
 
     def _run_invariants(self) -> dict[str, Any]:
@@ -278,13 +276,9 @@ class KDRecipe(FTRecipeInterface):
     # Training
 
     def accumulate_gradients(self, micro_batches: list[dict[str, Tensor]]) -> dict[str, Any]:
-        """Forward and backward over one optimizer step's micro-batches (no optimizer step).
-
-        Returns:
-            ``{"loss", "ce_loss", "kd_loss"}`` (step means; ``kd_loss`` None without a
-            teacher) and ``"num_tokens"`` (the step's target tokens over all ranks), as Python
-            numbers (one host sync; the training loop reads them only when it logs).
-        """
+        """Forward and backward over one step's micro-batches (no optimizer step): the step's
+        mean ``loss``, ``ce_loss``, ``kd_loss`` (None without a teacher) and ``num_tokens`` (all
+        ranks) as Python numbers (one host sync; the training loop reads them when it logs)."""
         return self._accumulate(micro_batches).to_host()
 
     def _accumulate(self, micro_batches: list[dict[str, Tensor]]) -> StepLosses:
@@ -315,19 +309,6 @@ class KDRecipe(FTRecipeInterface):
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))
         return StepLosses.summed(parts, num_tokens)
-
-    def _optimizer_step(self) -> Tensor:
-        """Clip (if configured), step optimizer and scheduler; return the pre-clip grad norm
-        (0-dim, on the device; the same value on every rank: it covers every rank's shards)."""
-        max_norm = self._cfg.clip_grad_norm
-        grad_norm = parallel.clip_grad_norm_(
-            self._student, max_norm=float(max_norm) if max_norm is not None else math.inf
-        )
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
-        return grad_norm
 
     def _stop_requested(self) -> bool:
         stop = self._cfg.stop_after_steps
@@ -385,10 +366,15 @@ class KDRecipe(FTRecipeInterface):
                 self._student, self._teacher, micro_batches, self.global_step
             )
         losses = self._accumulate(micro_batches)
-        lr = self._optimizer.param_groups[0]["lr"]
-        grad_norm = self._optimizer_step()
-        self.global_step += 1
-        self.steps_in_epoch += 1
+        grad_norm, lr, skipped = optimizer_step(
+            self._student,
+            self._optimizer,
+            self._lr_scheduler,
+            max_norm=self._cfg.clip_grad_norm,
+            guard=self._guard,
+            loss_sums=losses.sums,
+        )
+        self.global_step, self.steps_in_epoch = self.global_step + 1, self.steps_in_epoch + 1
         self._step_log.add(
             PendingStep(
                 step=self.global_step,
@@ -398,6 +384,7 @@ class KDRecipe(FTRecipeInterface):
                 peak_memory_gib=peak_memory_gib(self._runtime.device),
                 losses=losses,
                 grad_norm=grad_norm,
+                skipped=skipped,
                 extra=generation,
             )
         )
@@ -419,8 +406,7 @@ class KDRecipe(FTRecipeInterface):
         record = {"kind": "val", "step": self.global_step, "epoch": self.epoch, **vars(result)}
         self._metrics.write(record)
         self._step_log.to_metric_logger(record, prefix="val_")
-        if self._runtime.is_main:
-            log.info(f"validation at step {self.global_step}: {vars(result)}")
+        log.info(f"validation at step {self.global_step}: {console.figures(vars(result))}")
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -438,36 +424,38 @@ class KDRecipe(FTRecipeInterface):
         rng = process_group.gather_objects(ckpt.capture_rng_state(self._runtime.device))
         folder = None
         if self._runtime.is_main:
-            folder = ckpt.save_step_checkpoint(
-                self._output_dir,
-                self.global_step,
-                checkpointer=self._checkpointer,
-                weights=ckpt.weights_to_save(
-                    self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
-                ),
-                adapter_only=adapter_only,
-                training_state={
-                    "optimizer": optimizer_state,
-                    # Rank 0's loader position serves all ranks (same batch of each shard).
-                    "dataloader": self._dataloader.state_dict(),
-                    "rng": rng,  # one entry per rank
-                    "run": self._run_invariants(),
-                    "progress": self._progress(),
-                },
-                manifest={
-                    "kdtune_version": __version__,
-                    "final": final,
-                    "epoch": self.epoch,
-                    "steps_in_epoch": self.steps_in_epoch,
-                    "total_steps": self._total_steps,
-                    "student": "lora" if self._is_lora else "full",
-                    "merged_weights": not adapter_only,
-                    "world_size": self._runtime.world_size,
-                },
-                keep_last=self._cfg.keep_last_n_checkpoints,
-            )
+            with console.quiet_checkpointer():  # it logs its staging path; ckpt logs ours
+                folder = ckpt.save_step_checkpoint(
+                    self._output_dir,
+                    self.global_step,
+                    checkpointer=self._checkpointer,
+                    weights=ckpt.weights_to_save(
+                        self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
+                    ),
+                    adapter_only=adapter_only,
+                    training_state={
+                        "optimizer": optimizer_state,
+                        # Rank 0's loader position serves all ranks (same batch of each shard).
+                        "dataloader": self._dataloader.state_dict(),
+                        "rng": rng,  # one entry per rank
+                        "run": self._run_invariants(),
+                        "progress": self._progress(),
+                    },
+                    manifest={
+                        "kdtune_version": __version__,
+                        "final": final,
+                        "epoch": self.epoch,
+                        "steps_in_epoch": self.steps_in_epoch,
+                        "total_steps": self._total_steps,
+                        "student": "lora" if self._is_lora else "full",
+                        "merged_weights": not adapter_only,
+                        "world_size": self._runtime.world_size,
+                    },
+                    keep_last=self._cfg.keep_last_n_checkpoints,
+                )
         del state, optimizer_state
         process_group.barrier()  # no rank goes on, or ends, before the checkpoint is complete
+        self._guard.saved(folder, self._output_dir, self.global_step)
         return folder
 
     def cleanup(self) -> None:
@@ -483,18 +471,20 @@ def recipe_main(cfg: DictConfig) -> None:
     Under ``torchrun`` with several processes the process group lives as long as this call:
     the recipe starts it and this ends it (barrier, then ``destroy_process_group``).
     """
-    recipe = KDRecipe(cfg=cfg)
-    finished = False
-    try:
-        config.log_config(recipe_name="KDRecipe", cfg=cfg)  # rank 0 only, once the group exists
-        recipe.setup(cfg=cfg)
-        recipe.train()
-        finished = True
-    finally:
-        recipe.cleanup()
-        # After a failure no barrier: the other ranks may never reach it.
-        process_group.teardown(wait_for_all=finished)
+    with console.errors_recorded(cfg.get("output_dir")):  # also filters dependency warnings
+        recipe = KDRecipe(cfg=cfg)
+        finished = False
+        try:
+            console.start_run_log(recipe._cfg, recipe._runtime.is_main)  # + resolved config
+            recipe.setup(cfg=cfg)
+            with console.log_above_progress_bar():
+                recipe.train()
+            finished = True
+        finally:
+            recipe.cleanup()
+            # After a failure no barrier: the other ranks may never reach it.
+            process_group.teardown(wait_for_all=finished)
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(console.run_recipe_main(recipe_main))

@@ -71,9 +71,11 @@ def short_run(config: str, tiny_assets, output_dir: Path, *extra: str) -> KDReci
     return recipe
 
 
-def run_counting(config: str, tiny_assets, output_dir: Path, monkeypatch) -> dict[str, list]:
+def run_counting(
+    config: str, tiny_assets, output_dir: Path, monkeypatch, *extra: str
+) -> dict[str, list]:
     """Run ``config`` (:func:`short_run`); the syncing calls of each step, by kind of step."""
-    recipe = short_run(config, tiny_assets, output_dir)
+    recipe = short_run(config, tiny_assets, output_dir, *extra)
     counter = SyncCounter(monkeypatch)
     calls: dict[str, list] = {"silent": [], "logging": []}
 
@@ -120,6 +122,17 @@ def test_no_host_sync_outside_logging_steps(config, tiny_assets, tmp_path, monke
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["num_tokens"] > 0 for r in records)
     assert [r["step"] for r in read_metrics(tmp_path / "out", kind="memory")] == [LOG_EVERY]
+
+
+def test_on_non_finite_skip_reads_one_flag_per_step(tiny_assets, tmp_path, monkeypatch):
+    """The documented cost of ``on_non_finite: skip``: exactly one host read per optimizer step
+    (whether to apply the update), none per micro-batch; ``stop`` (the default) reads none."""
+    out = tmp_path / "out"
+    calls = run_counting("tiny/full_chunked", tiny_assets, out, monkeypatch, "on_non_finite=skip")
+    assert len(calls["silent"]) == STEPS - STEPS // LOG_EVERY
+    assert all(len(step) == 1 and "__bool__" in step[0] for step in calls["silent"])
+    assert all("guard.py" in step[0] for step in calls["silent"])
+    assert [r["skipped"] for r in read_metrics(out, kind="train")] == [False] * STEPS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

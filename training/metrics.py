@@ -38,9 +38,11 @@ TRAIN_FIELDS = (
     "tokens_per_second",
     "step_seconds",
     "peak_memory_gib",
+    "skipped",
 )
 """Every training record has exactly these keys (``kd_loss`` is null in CE-only runs).
-``peak_memory_gib`` is the largest over the ranks (see :data:`MEMORY_FIELDS` for each rank's)."""
+``peak_memory_gib`` is the largest over the ranks (see :data:`MEMORY_FIELDS` for each rank's);
+``skipped`` is true for a step whose update was left out (``on_non_finite: skip``)."""
 
 SETUP_FIELDS = (
     "kind",
@@ -116,6 +118,7 @@ class PendingStep:
     peak_memory_gib: float  # this rank's
     losses: StepLosses
     grad_norm: Tensor  # 0-dim, before clipping
+    skipped: bool = False  # its optimizer update was left out (on_non_finite: skip)
     extra: dict[str, float] = field(default_factory=dict)  # host numbers (e.g. generation)
 
 
@@ -160,6 +163,7 @@ def train_records(
                 "tokens_per_second": losses["num_tokens"] / step.seconds,
                 "step_seconds": step.seconds,
                 "peak_memory_gib": max(peaks[index] for peaks in peaks_by_rank),
+                "skipped": step.skipped,
                 **step.extra,
             }
         )
@@ -175,8 +179,9 @@ class StepLog:
     until a logging step (every ``log_every`` steps) or an explicit :meth:`flush`; then all
     waiting steps are read in one host sync and one gather of every rank's peaks, and written
     to ``metrics.jsonl``; the logging step's record also goes to the ``metric_logger`` (main
-    rank; None elsewhere) and the progress bar. ``add`` and ``flush`` are collectives: every
-    rank calls them at the same steps."""
+    rank; None elsewhere) and the progress bar; then ``check`` (if given) sees the records
+    (:meth:`kdtune.training.guard.NonFiniteGuard.check_records`: it may raise). ``add`` and
+    ``flush`` are collectives: every rank calls them at the same steps."""
 
     def __init__(
         self,
@@ -184,26 +189,30 @@ class StepLog:
         metric_logger: Any,
         log_every: int,
         memory_stats: Callable[[], dict[str, float]] | None = None,
+        check: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.writer = writer
         self.metric_logger = metric_logger
         self.log_every = log_every
         self.memory_stats = memory_stats  # extra numbers for the metric logger at logging steps
         self.progress: Any = None  # a tqdm bar while training
+        self.check = check
         self.pending: list[PendingStep] = []
 
     def add(self, step: PendingStep) -> None:
         self.pending.append(step)
         if self.progress is not None:
             self.progress.update(1)
-        if step.step % self.log_every == 0:
+        if step.step % self.log_every == 0 or step.skipped:  # a skipped step is read at once
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
         peaks_by_rank = gather_objects([p.peak_memory_gib for p in self.pending])
-        for index, record in enumerate(train_records(self.pending, peaks_by_rank)):
+        records = train_records(self.pending, peaks_by_rank)
+        self.pending = []
+        for index, record in enumerate(records):
             self.writer.write(record)
             if record["step"] % self.log_every != 0:
                 continue
@@ -218,7 +227,8 @@ class StepLog:
                 )
             extra = self.memory_stats() if self.memory_stats is not None else {}
             self.to_metric_logger(record | extra, prefix="")
-        self.pending = []
+        if self.check is not None:
+            self.check(records)
 
     def to_metric_logger(self, record: dict[str, Any], prefix: str) -> None:
         """The record's numbers (``prefix`` + key) at its step, to the metric logger if any."""

@@ -12,13 +12,17 @@ Labels passed in are already shifted (:func:`kdtune.training.data.shift_labels`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchtune import config
 
 from kdtune.losses import TopKTeacher
+from kdtune.training import parallel
+from kdtune.training.guard import NonFiniteGuard, step_is_finite
 from kdtune.training.lm_head import forward_hidden, output_projection, release_output_projection
 
 
@@ -135,3 +139,50 @@ class FusedLossStep:
         )
         release_output_projection(teacher)  # the teacher has no backward to reshard it (FSDP2)
         return MicroBatchLoss(loss=out.loss, ce=out.ce_loss.detach(), kd=out.kd_loss.detach())
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    *,
+    max_norm: float | None,
+    guard: NonFiniteGuard,
+    loss_sums: Tensor,
+) -> tuple[Tensor, float, bool]:
+    """Clip (if ``max_norm``), step the optimizer unless the guard skips this step, zero the
+    gradients, step the scheduler (also for a skipped step: the schedule follows the step
+    count, as a resumed run rebuilds it).
+
+    Args:
+        loss_sums: ``[3]``, the step's summed losses over ranks (a rank's NaN is in the sum).
+
+    Returns:
+        The pre-clip gradient norm (0-dim, on the device; the same on every rank: it covers
+        every rank's shards), the learning rate of the step (first parameter group's, before
+        the scheduler steps) and whether the update was skipped (``on_non_finite: skip`` only;
+        that costs one host read per step).
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    grad_norm = parallel.clip_grad_norm_(
+        model, max_norm=float(max_norm) if max_norm is not None else math.inf
+    )
+    skipped = guard.skips and guard.skip_update(step_is_finite(loss_sums, grad_norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return grad_norm, lr, skipped
+
+
+def build_lr_scheduler(
+    node: Any, optimizer: torch.optim.Optimizer, total_steps: int, global_step: int
+) -> Any:
+    """The ``lr_scheduler`` node's scheduler (None without one), positioned after
+    ``global_step`` steps (a resumed run continues the schedule)."""
+    if node is None:
+        return None
+    return config.instantiate(
+        node, optimizer, num_training_steps=total_steps, last_epoch=global_step - 1
+    )

@@ -1,0 +1,172 @@
+"""The non-finite guard and the zero-target-token check, end to end on the tiny models (CPU).
+
+NaN is injected by a forward hook on the student's token embedding at chosen steps (the
+chunked and the fused losses both read it), so the loss and every gradient of that step are
+NaN, as after a divergence. Each run's outcome is read from the files a user has:
+``metrics.jsonl``, the checkpoint folders and the weights in them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdtune.cli.registry import load_config, resolve_config
+from kdtune.recipes.knowledge_distillation import KDRecipe
+from kdtune.training.checkpointing import complete_checkpoints
+from kdtune.training.guard import NonFiniteError, NoTargetTokensError
+from kdtune.training.metrics import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
+
+
+def make_recipe(config: str, tiny_assets, output_dir: Path, *extra: str) -> KDRecipe:
+    overrides = [
+        f"assets_dir={tiny_assets.root}",
+        f"output_dir={output_dir}",
+        "epochs=1",
+        "max_steps_per_epoch=6",
+        "validate_every_n_steps=null",
+        *extra,
+    ]
+    cfg = load_config(resolve_config(config), overrides)
+    recipe = KDRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    return recipe
+
+
+def inject_nan(recipe: KDRecipe, steps: set[int]) -> None:
+    """The student's embeddings become NaN in the forward passes of ``steps`` (1-based)."""
+
+    def hook(module, inputs, output):
+        if recipe.global_step + 1 in steps:
+            return output * float("nan")
+        return output
+
+    recipe._student.tok_embeddings.register_forward_hook(hook)
+
+
+def run(recipe: KDRecipe) -> None:
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+def saved_steps(output_dir: Path) -> list[int]:
+    return [int(folder.name.split("_")[1]) for folder in complete_checkpoints(output_dir)]
+
+
+def weights_are_finite(folder: Path) -> bool:
+    """Every tensor of the checkpoint's safetensors files (either layout) is finite."""
+    files = list(folder.rglob("*.safetensors"))
+    assert files, folder
+    return all(torch.isfinite(t).all() for f in files for t in load_file(f).values())
+
+
+@pytest.mark.parametrize("config", ["tiny/full_chunked", "tiny/full_fused"])
+def test_stop_names_the_step_and_the_last_good_checkpoint_and_saves_nothing_after(
+    config, tiny_assets, tmp_path
+):
+    out = tmp_path / "out"
+    recipe = make_recipe(
+        config,
+        tiny_assets,
+        out,
+        "save_every_n_steps=2",
+        "keep_last_n_checkpoints=1",
+        "log_every_n_steps=5",  # step 3 is not a logging step: the save at 4 must catch it
+    )
+    inject_nan(recipe, {3})
+    with pytest.raises(NonFiniteError) as raised:
+        run(recipe)
+    (good,) = complete_checkpoints(out)  # step 4 was never saved, so step 2 was never pruned
+    assert saved_steps(out) == [2]
+    message = str(raised.value)
+    assert "step 3" in message and str(good) in message and "on_non_finite" in message
+    assert weights_are_finite(good)
+    assert not (good.parent / "step_0000004").exists()
+    records = read_metrics(out, kind="train")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # read before the save at step 4
+    assert math.isfinite(records[1]["loss"]) and records[2]["loss"] == "nan"
+    assert not any(r["skipped"] for r in records)
+
+
+def test_stop_before_any_checkpoint_says_so_and_skips_the_final_save(tiny_assets, tmp_path):
+    out = tmp_path / "out"
+    recipe = make_recipe("tiny/lora_chunked", tiny_assets, out, "log_every_n_steps=100")
+    inject_nan(recipe, {5})
+    with pytest.raises(NonFiniteError, match=r"step 5.*no checkpoint was saved"):
+        run(recipe)
+    assert saved_steps(out) == []
+    assert [r["step"] for r in read_metrics(out, kind="train")] == list(range(1, 7))
+
+
+def skipping_recipe(tiny_assets, out: Path, max_skipped: int, *extra: str) -> KDRecipe:
+    """``on_non_finite: skip``; NaN at steps 2 and 4."""
+    overrides = ["on_non_finite=skip", f"max_non_finite_steps={max_skipped}", *extra]
+    recipe = make_recipe("tiny/full_chunked", tiny_assets, out, *overrides)
+    inject_nan(recipe, {2, 4})
+    return recipe
+
+
+def test_skip_leaves_out_the_updates_of_bad_steps_and_finishes(tiny_assets, tmp_path):
+    out = tmp_path / "out"
+    recipe = skipping_recipe(tiny_assets, out, 3, "log_every_n_steps=3")
+    run(recipe)
+    records = read_metrics(out, kind="train")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["step"] for r in records if r["skipped"]] == [2, 4]
+    assert all(math.isfinite(r["loss"]) for r in records if not r["skipped"])
+    # AdamW counted only the 4 updates that happened; the final checkpoint is finite.
+    state = recipe._optimizer.state[next(iter(recipe._student.parameters()))]
+    assert int(state["step"]) == 4
+    assert saved_steps(out) == [6]
+    assert weights_are_finite(complete_checkpoints(out)[-1])
+
+
+def test_skip_stops_once_max_non_finite_steps_were_skipped(tiny_assets, tmp_path):
+    out = tmp_path / "out"
+    saves = ("save_every_n_steps=1", "keep_last_n_checkpoints=1", "log_every_n_steps=100")
+    recipe = skipping_recipe(tiny_assets, out, 2, *saves)
+    with pytest.raises(NonFiniteError, match=r"max_non_finite_steps = 2.*step 4") as raised:
+        run(recipe)
+    assert saved_steps(out) == [3]  # the step-4 save and the final save never happened
+    assert str(complete_checkpoints(out)[-1]) in str(raised.value)
+    records = read_metrics(out, kind="train")
+    assert [(r["step"], r["skipped"]) for r in records] == [
+        (1, False),
+        (2, True),
+        (3, False),
+        (4, True),
+    ]
+
+
+def test_a_step_without_target_tokens_is_an_error_naming_it(tiny_assets, tmp_path):
+    out = tmp_path / "out"
+    recipe = make_recipe(
+        "tiny/full_chunked",
+        tiny_assets,
+        out,
+        "gradient_accumulation_steps=2",
+        "log_every_n_steps=4",
+    )
+    train_step = recipe._train_step
+
+    def step_without_targets(micro_batches, progress):
+        if recipe.global_step + 1 == 2:  # every label of both micro-batches ignored
+            micro_batches = [
+                b | {"labels": torch.full_like(b["labels"], -100)} for b in micro_batches
+            ]
+        train_step(micro_batches, progress)
+
+    recipe._train_step = step_without_targets
+    with pytest.raises(NoTargetTokensError, match=r"step 2 has no target token.*max_seq_len"):
+        run(recipe)
+    records = read_metrics(out, kind="train")
+    assert [r["num_tokens"] == 0 for r in records] == [False, True, False, False]
+    assert saved_steps(out) == []

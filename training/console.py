@@ -1,0 +1,154 @@
+"""A quiet, useful console: what a run prints, and what goes to its log files instead.
+
+Files under ``<output_dir>/logs/`` (rank 0): ``run.log`` (every log line of the run, as on the
+console), ``config.yaml`` (the resolved config; the console gets its path, not its 90 lines)
+and ``error.log`` (the full traceback of an error that stopped the run). On the console, an
+error the user can fix (a config error, a stopped run) is one short message naming the key or
+the step, from :func:`run_recipe_main`; ``--verbose`` (``kdtune run``) or ``KDTUNE_VERBOSE=1``
+shows the traceback as well. Log lines go through the progress bar (``tqdm.write``), so they
+sit on their own lines above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune import utils
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from kdtune.training.config_checks import ConfigError
+from kdtune.training.guard import TrainingStopped
+
+LOGS_DIRNAME = "logs"
+VERBOSE_ENV = "KDTUNE_VERBOSE"
+USER_ERRORS = (ConfigError, TrainingStopped)
+"""Errors whose message is the whole story: printed short unless verbose."""
+
+DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # (message regex, category, module regex): narrow, so kdtune's own warnings stay visible.
+    # torchdata's StatefulDataLoader calls its own deprecated set_vital on every iterator.
+    (r"'set_vital' is deprecated", UserWarning, r"torchdata\.stateful_dataloader"),
+)
+"""Deprecation and environment notices of dependencies that a kdtune user can do nothing
+about (each matched on message, category and emitting module)."""
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def filter_dependency_warnings() -> None:
+    """Hide :data:`DEPENDENCY_WARNINGS` (only those)."""
+    for message, category, module in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def logs_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / LOGS_DIRNAME
+
+
+def start_run_log(cfg: DictConfig, is_main: bool) -> None:
+    """Copy every line of the run's logger (torchtune's, which kdtune uses) to
+    ``<output_dir>/logs/run.log`` and write the resolved config (its path is logged, not its
+    lines). Only on the main rank (``is_main``)."""
+    if not is_main:
+        return
+    path = _add_log_file(cfg.output_dir)
+    utils.get_logger().info(f"resolved config: {write_config(cfg, cfg.output_dir)}; log: {path}")
+
+
+def _add_log_file(output_dir: str | Path) -> Path:
+    path = logs_dir(output_dir) / "run.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = utils.get_logger()
+    if not any(getattr(h, "baseFilename", None) == str(path.absolute()) for h in logger.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    return path
+
+
+def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
+    """The resolved config as ``<output_dir>/logs/config.yaml`` (rank 0 only)."""
+    path = logs_dir(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def _not_torchtune_checkpointer(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "checkpointing" not in Path(record.pathname).parts
+
+
+@contextmanager
+def quiet_checkpointer() -> Iterator[None]:
+    """torchtune's checkpointer logs the staging folder it writes to (gone after the atomic
+    rename) and "saved successfully.You can ...": its info lines are dropped meanwhile; the
+    caller logs the real folder."""
+    logger = utils.get_logger()
+    logger.addFilter(_not_torchtune_checkpointer)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_torchtune_checkpointer)
+
+
+def log_above_progress_bar() -> Any:
+    """A context in which log lines are written with ``tqdm.write`` (above the bar)."""
+    return logging_redirect_tqdm(loggers=[utils.get_logger()])
+
+
+def figures(values: dict[str, Any]) -> str:
+    """``"key value, ..."`` with 4 significant digits (None values left out)."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items() if v is not None)
+
+
+@contextmanager
+def errors_recorded(output_dir: Any) -> Iterator[None]:
+    """A recipe's run: dependency warnings filtered (:func:`filter_dependency_warnings`); a
+    user error raised inside is recorded (:func:`record_error`) and raised again."""
+    filter_dependency_warnings()
+    try:
+        yield
+    except USER_ERRORS as error:
+        record_error(error, output_dir)
+        raise
+
+
+def record_error(error: BaseException, output_dir: Any) -> None:
+    """Write the traceback of ``error`` to ``<output_dir>/logs/error.log`` (when there is an
+    output folder) and add a note naming it (printed by :func:`run_recipe_main`)."""
+    if os.environ.get("RANK", "0") != "0" or not isinstance(output_dir, str | Path):
+        return
+    try:
+        path = logs_dir(output_dir) / "error.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(error)))
+    except OSError:
+        return
+    error.add_note(f"full traceback: {path}")
+
+
+def run_recipe_main(recipe_main: Callable[[], Any]) -> int:
+    """A recipe's ``__main__`` (``kdtune run``, ``tune run``, ``torchrun -m``): a user error is
+    a short message on stderr (rank 0) and exit status 1; anything else, or ``KDTUNE_VERBOSE=1``,
+    raises with its traceback."""
+    try:
+        recipe_main()
+    except USER_ERRORS as error:
+        if verbose():
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            notes = "".join(f"\n{note}" for note in getattr(error, "__notes__", []))
+            print(f"kdtune: error: {error}{notes}", file=sys.stderr)
+        return 1
+    return 0
