@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import utils
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from kdtune.training import process_group
 from kdtune.training.config_checks import ConfigError
 from kdtune.training.guard import TrainingStopped
 
@@ -115,12 +116,16 @@ def figures(values: dict[str, Any]) -> str:
 @contextmanager
 def errors_recorded(output_dir: Any) -> Iterator[None]:
     """A recipe's run: dependency warnings filtered (:func:`filter_dependency_warnings`); a
-    user error raised inside is recorded (:func:`record_error`) and raised again."""
+    user error raised inside is recorded (:func:`record_error`), a collective's timeout
+    explained (:func:`~kdtune.training.process_group.explain_timeout`), then raised again."""
     filter_dependency_warnings()
     try:
         yield
     except USER_ERRORS as error:
         record_error(error, output_dir)
+        raise
+    except RuntimeError as error:
+        process_group.explain_timeout(error)
         raise
 
 

@@ -11,7 +11,11 @@ start a group even for one process and pick no per-rank CUDA device; these are n
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -36,7 +40,32 @@ def is_main_process() -> bool:
     return world_size_and_rank()[1] == 0
 
 
-def init_distributed(device: str | torch.device) -> tuple[int, int, torch.device]:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_timeout_minutes: float | None = None  # the group's collective timeout, for error messages
+
+
+def exit_with_launcher() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent (the launcher: torchrun's
+    agent, or ``kdtune run``, which runs it in-process) dies, so killed launchers leave no
+    orphan workers (torchrun does not ask for this). A process whose launcher is already gone
+    (re-parented to init) exits at once. Elsewhere a no-op.
+
+    Returns:
+        True when the kernel accepted the request.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:  # the launcher died before the request
+        os._exit(1)
+    return True
+
+
+def init_distributed(
+    device: str | torch.device, timeout_minutes: float | None = None
+) -> tuple[int, int, torch.device]:
     """Initialise the process group when ``torchrun`` started more than one process.
 
     Reads torchrun's ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``. With one process (or none of
@@ -44,9 +73,16 @@ def init_distributed(device: str | torch.device) -> tuple[int, int, torch.device
     ``cuda:nccl,cpu:gloo`` for CUDA (gloo carries CPU tensors: CPU offload, CPU all-reduces)
     and ``gloo`` for CPU. Calling it again after initialisation returns the same answer.
 
+    Each process launched by torchrun (``LOCAL_RANK`` set) exits when its launcher dies
+    (:func:`exit_with_launcher`).
+
     Args:
         device: ``"cpu"``, ``"cuda"`` or a ``torch.device``. With several CUDA processes each
             takes ``cuda:LOCAL_RANK``; an explicit index is refused there.
+        timeout_minutes: ``collective_timeout_minutes``: a collective (gloo or NCCL) that waits
+            longer fails the run instead of hanging (None: torch's default, 10 min for NCCL,
+            30 for gloo). NCCL's watchdog then ends the process (torch's default
+            ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``; 1 also aborts the communicators first).
 
     Returns:
         ``(rank, world_size, device)``: ``device`` is the one this process computes on,
@@ -59,6 +95,8 @@ def init_distributed(device: str | torch.device) -> tuple[int, int, torch.device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "LOCAL_RANK" in os.environ:
+        exit_with_launcher()
     if world_size <= 1:
         return 0, 1, device
     if device.type == "cuda":
@@ -73,8 +111,23 @@ def init_distributed(device: str | torch.device) -> tuple[int, int, torch.device
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        global _timeout_minutes
+        _timeout_minutes = timeout_minutes
+        timeout = timedelta(minutes=timeout_minutes) if timeout_minutes is not None else None
+        dist.init_process_group(backend=backend, timeout=timeout)
     return rank, world_size, device
+
+
+def explain_timeout(error: BaseException) -> None:
+    """Add a note to a collective's timeout error (gloo: "Timed out waiting ...ms") saying
+    what it means and which key sets it."""
+    if is_distributed() and "Timed out" in str(error):
+        limit = f" = {_timeout_minutes}" if _timeout_minutes is not None else ""
+        error.add_note(
+            f"a collective waited longer than collective_timeout_minutes{limit}: another rank "
+            "stopped, hung or died (see its output); raise the key if a rank legitimately "
+            "works alone that long (e.g. a long save)"
+        )
 
 
 def barrier() -> None:

@@ -96,7 +96,9 @@ def setup_runtime(cfg: DictConfig) -> Runtime:
     """
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' but no CUDA device is available: set device: cpu")
-    rank, world_size, device = process_group.init_distributed(str(cfg.device))
+    rank, world_size, device = process_group.init_distributed(
+        str(cfg.device), cfg.get("collective_timeout_minutes")
+    )
     if world_size == 1:
         device = utils.get_device(device=str(cfg.device))
     dtype = training.get_dtype(str(cfg.dtype), device=device)
