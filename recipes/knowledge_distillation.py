@@ -113,8 +113,7 @@ class KDRecipe(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         """Tokenizer, vocabulary checks, models, losses, optimizer, data, scheduler, state.
 
-        ``cfg`` is the constructor's (torchtune's interface passes it again); the checked copy
-        from the constructor is used.
+        ``cfg`` (torchtune's interface) is ignored: the constructor's checked copy is used.
         """
         cfg = self._cfg
         runtime = self._runtime
@@ -404,9 +403,8 @@ class KDRecipe(FTRecipeInterface):
             max_batches=self._cfg.validation_max_batches,
         )
         record = {"kind": "val", "step": self.global_step, "epoch": self.epoch, **vars(result)}
-        self._metrics.write(record)
-        self._step_log.to_metric_logger(record, prefix="val_")
         log.info(f"validation at step {self.global_step}: {console.figures(vars(result))}")
+        self._step_log.write_validation(record)  # the guard: a NaN validation CE stops the run
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -415,7 +413,8 @@ class KDRecipe(FTRecipeInterface):
         """Write ``checkpoints/step_<global_step>/`` atomically and prune old ones; a collective
         (rank 0 writes, returns the folder; others get None). ``epoch`` is ignored (torchtune's
         interface): checkpoints are named by optimizer step."""
-        self._step_log.flush()
+        self._step_log.flush()  # the guard checks the steps' losses, then the weights:
+        self._guard.check_weights(self._student, self.global_step)
         adapter_only = self._is_lora and bool(self._cfg.save_adapter_weights_only)
         state = state_dicts.gather_full_state_dict(self._student, trainable_only=adapter_only)
         optimizer_state = state_dicts.gather_full_optimizer_state_dict(

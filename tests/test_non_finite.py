@@ -106,6 +106,41 @@ def test_stop_before_any_checkpoint_says_so_and_skips_the_final_save(tiny_assets
     assert [r["step"] for r in read_metrics(out, kind="train")] == list(range(1, 7))
 
 
+def test_a_too_high_lr_stops_and_names_the_checkpoint_the_bad_forward_started_from(
+    tiny_assets, tmp_path
+):
+    """lr 1e30: steps 1 and 2 have finite losses, but step 2's weights give step 3 a NaN loss.
+    The error names step 3 and says the step-2 checkpoint holds the weights it started from."""
+    out = tmp_path / "out"
+    saves = ("save_every_n_steps=1", "keep_last_n_checkpoints=2")
+    recipe = make_recipe("tiny/full_chunked", tiny_assets, out, "optimizer.lr=1e30", *saves)
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss") as raised:
+        run(recipe)
+    first, second = complete_checkpoints(out)
+    assert saved_steps(out) == [1, 2]
+    assert f"the last checkpoint, {second}, holds the weights" in str(raised.value)
+    assert "earlier checkpoint" in str(raised.value)
+    assert weights_are_finite(first)
+
+
+def test_weights_that_overflowed_are_never_saved(tiny_assets, tmp_path):
+    """An update that makes a weight inf while the step's loss and gradient norm are finite:
+    the weight check before the save catches it and names the parameter."""
+    out = tmp_path / "out"
+    recipe = make_recipe("tiny/lora_chunked", tiny_assets, out, "save_every_n_steps=1")
+    name, parameter = next((n, p) for n, p in recipe._student.named_parameters() if p.requires_grad)
+
+    def overflow(optimizer, args, kwargs):
+        if recipe.global_step == 1:  # the update of step 2
+            parameter.data[0] = float("inf")
+
+    recipe._optimizer.register_step_post_hook(overflow)
+    with pytest.raises(NonFiniteError, match=r"weights after step 2 are not finite") as raised:
+        run(recipe)
+    assert name in str(raised.value)
+    assert saved_steps(out) == [1]
+
+
 def skipping_recipe(tiny_assets, out: Path, max_skipped: int, *extra: str) -> KDRecipe:
     """``on_non_finite: skip``; NaN at steps 2 and 4."""
     overrides = ["on_non_finite=skip", f"max_non_finite_steps={max_skipped}", *extra]

@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from kdtune.training.process_group import all_reduce_sum
 
 SKIPPED_KEY = "non_finite_skipped"
 """The skipped-step count in a checkpoint's ``progress`` (``max_non_finite_steps`` counts over
@@ -64,10 +67,11 @@ class NonFiniteGuard:
         self.max_skipped = max_skipped
         self.skipped = skipped  # steps skipped so far in the run (kept across a resume)
         self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step = -1
 
     def resumed(self, folder: Path | None, progress: dict[str, Any]) -> None:
         """A resumed run: ``folder`` is its checkpoint, ``progress`` the saved counters."""
-        self.last_checkpoint = folder
+        self.last_checkpoint, self.last_checkpoint_step = folder, progress["global_step"]
         self.skipped = progress.get(SKIPPED_KEY, 0)
 
     def saved(self, folder: Path | None, output_dir: str | Path, step: int) -> None:
@@ -76,6 +80,7 @@ class NonFiniteGuard:
         from kdtune.training.checkpointing import checkpoints_root, step_dirname
 
         self.last_checkpoint = folder or checkpoints_root(output_dir) / step_dirname(step)
+        self.last_checkpoint_step = step
 
     @property
     def skips(self) -> bool:
@@ -98,9 +103,19 @@ class NonFiniteGuard:
     def check_records(self, records: list[dict[str, Any]]) -> None:
         """Raise at the first of ``records`` (``"kind": "train"``, oldest first) that had no
         target token or, under policy stop, a non-finite loss or gradient norm; under policy
-        skip, once ``max_non_finite_steps`` steps were skipped. Call on every rank."""
+        skip, once ``max_non_finite_steps`` steps were skipped; at a ``"kind": "val"`` record
+        with a non-finite CE (the weights themselves diverged; both policies). Call on every
+        rank (the records are the same on every rank)."""
         for record in records:
             step = record["step"]
+            if record["kind"] == "val":
+                if not _finite(record, "ce"):
+                    raise NonFiniteError(
+                        f"validation after step {step} gives a non-finite CE ({record['ce']}): "
+                        f"the weights diverged; they are not saved; {self._where()}. "
+                        "Lower optimizer.lr or set clip_grad_norm"
+                    )
+                continue
             if record["num_tokens"] == 0:
                 raise NoTargetTokensError(
                     f"step {step} has no target token (every label of its micro-batches is "
@@ -114,7 +129,7 @@ class NonFiniteGuard:
                     f"step {step}: the loss or the gradient norm is not finite (loss "
                     f"{record['loss']}, grad_norm {record['grad_norm']}); the run stops "
                     f"(on_non_finite: stop) and nothing from step {step} on is saved; "
-                    f"{self._where()}. Lower optimizer.lr, set clip_grad_norm, or set "
+                    f"{self._where(step)}. Lower optimizer.lr, set clip_grad_norm, or set "
                     "on_non_finite: skip to leave such steps out"
                 )
         if self.exhausted:
@@ -125,7 +140,34 @@ class NonFiniteGuard:
                 "Lower optimizer.lr or set clip_grad_norm"
             )
 
-    def _where(self) -> str:
+    def check_weights(self, model: nn.Module, step: int) -> None:
+        """Before a checkpoint: raise :class:`NonFiniteError` unless every trainable parameter
+        is finite (an update can overflow the weights while the step's loss and gradient norm
+        were finite). Each rank checks its shards; one all-reduce and one host read, on every
+        rank (a collective)."""
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            return
+        local = [p.to_local() if isinstance(p, DTensor) else p for _, p in trainable]
+        bad = torch.stack([(~torch.isfinite(p.detach())).any() for p in local]).float()
+        names = [name for (name, _), count in zip(trainable, all_reduce_sum(bad).tolist()) if count]
+        if names:
+            raise NonFiniteError(
+                f"the weights after step {step} are not finite ({names[0]}"
+                f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}): the update of a step "
+                f"whose loss and gradient norm were finite overflowed; they are not saved; "
+                f"{self._where()}. Lower optimizer.lr or set clip_grad_norm"
+            )
+
+    def _where(self, bad_step: int | None = None) -> str:
+        """Where to resume from, when step ``bad_step`` (its forward) was the first bad one."""
         if self.last_checkpoint is None:
             return "no checkpoint was saved before it"
+        if bad_step is not None and self.last_checkpoint_step == bad_step - 1:
+            return (
+                f"the last checkpoint, {self.last_checkpoint}, holds the weights this step's "
+                "forward started from (finite, but they gave a non-finite loss): resume from an "
+                "earlier checkpoint if one is kept (keep_last_n_checkpoints), or from it with a "
+                "lower optimizer.lr"
+            )
         return f"the last good checkpoint is {self.last_checkpoint}"

@@ -230,6 +230,14 @@ class StepLog:
         if self.check is not None:
             self.check(records)
 
+    def write_validation(self, record: dict[str, Any]) -> None:
+        """A ``"kind": "val"`` record: to ``metrics.jsonl``, the metric logger (``val_`` keys),
+        then ``check``."""
+        self.writer.write(record)
+        self.to_metric_logger(record, prefix="val_")
+        if self.check is not None:
+            self.check([record])
+
     def to_metric_logger(self, record: dict[str, Any], prefix: str) -> None:
         """The record's numbers (``prefix`` + key) at its step, to the metric logger if any."""
         if self.metric_logger is None:
