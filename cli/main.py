@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import runpy
 import shutil
 import sys
@@ -60,6 +61,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("recipe", help="recipe name (kdtune ls) or dotted module path")
     parser.add_argument("--config", required=True, help="config name (kdtune ls) or YAML path")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the full traceback of a config error or a stopped run (also: KDTUNE_VERBOSE=1; "
+        "it is always in <output_dir>/logs/error.log)",
+    )
 
 
 def recipe_argv(module: str, config_path: Path, overrides: list[str]) -> list[str]:
@@ -68,8 +75,14 @@ def recipe_argv(module: str, config_path: Path, overrides: list[str]) -> list[st
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Run the recipe as ``__main__`` (its own error handling prints a user error short and
+    exits 1; :func:`kdtune.training.console.run_recipe_main`), here or under torchrun."""
+    from kdtune.training.console import VERBOSE_ENV
+
     module = resolve_recipe(args.recipe)
     config_path = resolve_config(args.config)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # torchrun's workers inherit it
     if args.nproc_per_node > 1:
         return _run_torchrun(module, config_path, args.overrides, args.nproc_per_node)
     sys.argv = recipe_argv(module, config_path, args.overrides)
@@ -83,14 +96,28 @@ def _run_torchrun(module: str, config_path: Path, overrides: list[str], nproc: i
 
 
 def torchrun_module(module: str, argv: list[str], nproc: int) -> int:
-    """``torchrun --standalone --nproc_per_node N -m <module> ARGV`` in this process."""
+    """``torchrun --standalone --nproc_per_node N -m <module> ARGV`` in this process.
+
+    A failed worker is one line here (its own message is above; torchrun's report with every
+    rank's traceback only with ``--verbose`` / ``KDTUNE_VERBOSE=1``); returns 1 then.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    run(
-        get_args_parser().parse_args(
-            ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
+    from kdtune.training.console import verbose
+
+    try:
+        run(
+            get_args_parser().parse_args(
+                ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
+            )
         )
-    )
+    except ChildFailedError as error:
+        if verbose():
+            raise
+        ranks = sorted(error.failures)
+        print(f"kdtune: {len(ranks)} of {nproc} processes failed (ranks {ranks})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import utils
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdtune.training import process_group
@@ -103,9 +104,17 @@ def quiet_checkpointer() -> Iterator[None]:
         logger.removeFilter(_not_torchtune_checkpointer)
 
 
-def log_above_progress_bar() -> Any:
-    """A context in which log lines are written with ``tqdm.write`` (above the bar)."""
-    return logging_redirect_tqdm(loggers=[utils.get_logger()])
+@contextmanager
+def log_above_progress_bar() -> Iterator[None]:
+    """A context in which log lines are written with ``tqdm.write`` (above the bar); an error
+    raised inside closes the open bars first, so its message starts a line of its own."""
+    with logging_redirect_tqdm(loggers=[utils.get_logger()]):
+        try:
+            yield
+        except BaseException:
+            for bar in list(tqdm._instances):  # tqdm's registry of open bars
+                bar.close()
+            raise
 
 
 def figures(values: dict[str, Any]) -> str:
