@@ -2,7 +2,8 @@
 
 Files under ``<output_dir>/logs/`` (rank 0): ``run.log`` (every log line of the run, as on the
 console), ``config.yaml`` (the resolved config; the console gets its path, not its 90 lines)
-and ``error.log`` (the full traceback of an error that stopped the run). On the console, an
+and ``error.log`` (the full traceback of an error that stopped the run; a config error before
+the output folder exists creates nothing). On the console, an
 error the user can fix (a config error, a stopped run) is one short message naming the key or
 the step, from :func:`run_recipe_main`; ``--verbose`` (``kdtune run``) or ``KDTUNE_VERBOSE=1``
 shows the traceback as well. Log lines go through the progress bar (``tqdm.write``), so they
@@ -139,17 +140,21 @@ def errors_recorded(output_dir: Any) -> Iterator[None]:
 
 
 def record_error(error: BaseException, output_dir: Any) -> None:
-    """Write the traceback of ``error`` to ``<output_dir>/logs/error.log`` (when there is an
-    output folder) and add a note naming it (printed by :func:`run_recipe_main`)."""
-    if os.environ.get("RANK", "0") != "0" or not isinstance(output_dir, str | Path):
+    """Write the traceback of ``error`` to ``<output_dir>/logs/error.log`` when the output
+    folder exists (a config error does not create it) and add a note saying where the
+    traceback is (printed by :func:`run_recipe_main`)."""
+    hint = f"full traceback: kdtune run --verbose, or {VERBOSE_ENV}=1"
+    if os.environ.get("RANK", "0") != "0":
         return
-    try:
+    if isinstance(output_dir, str | Path) and Path(output_dir).is_dir():
         path = logs_dir(output_dir) / "error.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(traceback.format_exception(error)))
-    except OSError:
-        return
-    error.add_note(f"full traceback: {path}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("".join(traceback.format_exception(error)))
+            hint = f"full traceback: {path}"
+        except OSError:
+            pass
+    error.add_note(hint)
 
 
 def run_recipe_main(recipe_main: Callable[[], Any]) -> int:
