@@ -470,7 +470,7 @@ def recipe_main(cfg: DictConfig) -> None:
     Under ``torchrun`` with several processes the process group lives as long as this call:
     the recipe starts it and this ends it (barrier, then ``destroy_process_group``).
     """
-    with console.errors_recorded(cfg.get("output_dir")):  # also filters dependency warnings
+    with console.run_context(cfg.get("output_dir")):  # warnings, errors, log files
         recipe = KDRecipe(cfg=cfg)
         finished = False
         try:

@@ -3,10 +3,10 @@
 Files under ``<output_dir>/logs/`` (rank 0): ``run.log`` (every log line of the run, as on the
 console), ``config.yaml`` (the resolved config; the console gets its path, not its 90 lines)
 and ``error.log`` (the full traceback of an error that stopped the run; a config error before
-the output folder exists creates nothing). On the console, an
-error the user can fix (a config error, a stopped run) is one short message naming the key or
-the step, from :func:`run_recipe_main`; ``--verbose`` (``kdtune run``) or ``KDTUNE_VERBOSE=1``
-shows the traceback as well. Log lines go through the progress bar (``tqdm.write``), so they
+the output folder exists creates nothing). On the console, an error the user can fix (a config
+error, a stopped run) is one short message naming the key or the step, from
+:func:`run_recipe_main`; ``--verbose`` (``kdtune run``) or ``KDTUNE_VERBOSE=1`` shows the
+traceback as well. Log lines go through the progress bar (``tqdm.write``), so they
 sit on their own lines above it.
 """
 
@@ -70,14 +70,18 @@ def start_run_log(cfg: DictConfig, is_main: bool) -> None:
 
 
 def _add_log_file(output_dir: str | Path) -> Path:
+    """A handler writing the run's log lines to ``logs/run.log`` (removed when the run's
+    :func:`run_context` context ends, so runs in one process keep their own files)."""
     path = logs_dir(output_dir) / "run.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    logger = utils.get_logger()
-    if not any(getattr(h, "baseFilename", None) == str(path.absolute()) for h in logger.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    utils.get_logger().addHandler(handler)
+    _run_log_handlers.append(handler)
     return path
+
+
+_run_log_handlers: list[logging.Handler] = []
 
 
 def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
@@ -89,7 +93,10 @@ def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
 
 
 def _not_torchtune_checkpointer(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "checkpointing" not in Path(record.pathname).parts
+    parts = Path(record.pathname).parts
+    return record.levelno >= logging.WARNING or not (
+        "torchtune" in parts and "checkpointing" in parts
+    )
 
 
 @contextmanager
@@ -124,10 +131,11 @@ def figures(values: dict[str, Any]) -> str:
 
 
 @contextmanager
-def errors_recorded(output_dir: Any) -> Iterator[None]:
+def run_context(output_dir: Any) -> Iterator[None]:
     """A recipe's run: dependency warnings filtered (:func:`filter_dependency_warnings`); a
     user error raised inside is recorded (:func:`record_error`), a collective's timeout
-    explained (:func:`~kdtune.training.process_group.explain_timeout`), then raised again."""
+    explained (:func:`~kdtune.training.process_group.explain_timeout`), then raised again;
+    at the end the run's ``run.log`` handler is removed."""
     filter_dependency_warnings()
     try:
         yield
@@ -137,6 +145,11 @@ def errors_recorded(output_dir: Any) -> Iterator[None]:
     except RuntimeError as error:
         process_group.explain_timeout(error)
         raise
+    finally:
+        while _run_log_handlers:
+            handler = _run_log_handlers.pop()
+            utils.get_logger().removeHandler(handler)
+            handler.close()
 
 
 def record_error(error: BaseException, output_dir: Any) -> None:

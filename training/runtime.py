@@ -124,7 +124,8 @@ def sharding_options(cfg: DictConfig, dtype: torch.dtype, world_size: int) -> Sh
     Raises:
         ConfigError: an FSDP key is missing, or ``teacher_quantization`` is set.
     """
-    missing = [key for key in DISTRIBUTED_KEYS if key not in cfg]
+    # The FSDP keys only: collective_timeout_minutes (also multi-process) has its default.
+    missing = [key for key in DISTRIBUTED_KEYS if key.startswith("fsdp_") and key not in cfg]
     if missing:
         raise ConfigError(
             f"this run has {world_size} processes but the config lacks {missing}: add them "

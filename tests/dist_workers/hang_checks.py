@@ -8,7 +8,7 @@ Usage (from the repository root)::
 ``timeout``: the group starts with a 3-second collective timeout; rank 1 stops taking part
 (sleeps), rank 0 all-reduces, adds the note the recipe adds to such errors
 (:func:`kdtune.training.process_group.explain_timeout`, called by
-:func:`kdtune.training.console.errors_recorded`) and writes what it raised, and how long after
+:func:`kdtune.training.console.run_context`) and writes what it raised, and how long after
 the call, to ``DIR/rank0.json``. Only torch and ``process_group`` are imported (fast start). ``wait``: each rank writes its pid to ``DIR/rank{R}.pid``
 once the group is up, then sleeps (the test kills the launcher).
 """
