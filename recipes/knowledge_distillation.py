@@ -423,35 +423,34 @@ class KDRecipe(FTRecipeInterface):
         rng = process_group.gather_objects(ckpt.capture_rng_state(self._runtime.device))
         folder = None
         if self._runtime.is_main:
-            with console.quiet_checkpointer():  # it logs its staging path; ckpt logs ours
-                folder = ckpt.save_step_checkpoint(
-                    self._output_dir,
-                    self.global_step,
-                    checkpointer=self._checkpointer,
-                    weights=ckpt.weights_to_save(
-                        self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
-                    ),
-                    adapter_only=adapter_only,
-                    training_state={
-                        "optimizer": optimizer_state,
-                        # Rank 0's loader position serves all ranks (same batch of each shard).
-                        "dataloader": self._dataloader.state_dict(),
-                        "rng": rng,  # one entry per rank
-                        "run": self._run_invariants(),
-                        "progress": self._progress(),
-                    },
-                    manifest={
-                        "kdtune_version": __version__,
-                        "final": final,
-                        "epoch": self.epoch,
-                        "steps_in_epoch": self.steps_in_epoch,
-                        "total_steps": self._total_steps,
-                        "student": "lora" if self._is_lora else "full",
-                        "merged_weights": not adapter_only,
-                        "world_size": self._runtime.world_size,
-                    },
-                    keep_last=self._cfg.keep_last_n_checkpoints,
-                )
+            folder = ckpt.save_step_checkpoint(
+                self._output_dir,
+                self.global_step,
+                checkpointer=self._checkpointer,
+                weights=ckpt.weights_to_save(
+                    self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
+                ),
+                adapter_only=adapter_only,
+                training_state={
+                    "optimizer": optimizer_state,
+                    # Rank 0's loader position serves all ranks (same batch of each shard).
+                    "dataloader": self._dataloader.state_dict(),
+                    "rng": rng,  # one entry per rank
+                    "run": self._run_invariants(),
+                    "progress": self._progress(),
+                },
+                manifest={
+                    "kdtune_version": __version__,
+                    "final": final,
+                    "epoch": self.epoch,
+                    "steps_in_epoch": self.steps_in_epoch,
+                    "total_steps": self._total_steps,
+                    "student": "lora" if self._is_lora else "full",
+                    "merged_weights": not adapter_only,
+                    "world_size": self._runtime.world_size,
+                },
+                keep_last=self._cfg.keep_last_n_checkpoints,
+            )
         del state, optimizer_state
         process_group.barrier()  # no rank goes on, or ends, before the checkpoint is complete
         self._guard.saved(folder, self._output_dir, self.global_step)

@@ -100,19 +100,6 @@ def _not_torchtune_checkpointer(record: logging.LogRecord) -> bool:
 
 
 @contextmanager
-def quiet_checkpointer() -> Iterator[None]:
-    """torchtune's checkpointer logs the staging folder it writes to (gone after the atomic
-    rename) and "saved successfully.You can ...": its info lines are dropped meanwhile; the
-    caller logs the real folder."""
-    logger = utils.get_logger()
-    logger.addFilter(_not_torchtune_checkpointer)
-    try:
-        yield
-    finally:
-        logger.removeFilter(_not_torchtune_checkpointer)
-
-
-@contextmanager
 def log_above_progress_bar() -> Iterator[None]:
     """A context in which log lines are written with ``tqdm.write`` (above the bar); an error
     raised inside closes the open bars first, so its message starts a line of its own."""
@@ -135,8 +122,13 @@ def run_context(output_dir: Any) -> Iterator[None]:
     """A recipe's run: dependency warnings filtered (:func:`filter_dependency_warnings`); a
     user error raised inside is recorded (:func:`record_error`), a collective's timeout
     explained (:func:`~kdtune.training.process_group.explain_timeout`), then raised again;
-    at the end the run's ``run.log`` handler is removed."""
+    torchtune's checkpointer's info lines are dropped meanwhile; at the end the run's
+    ``run.log`` handler is removed."""
     filter_dependency_warnings()
+    # torchtune's checkpointer logs the staging folder it writes to (gone after the atomic
+    # rename) and "saved successfully.You can ...": its info lines are dropped during the run;
+    # kdtune logs the real folder ("saved checkpoint ...").
+    utils.get_logger().addFilter(_not_torchtune_checkpointer)
     try:
         yield
     except USER_ERRORS as error:
@@ -146,6 +138,7 @@ def run_context(output_dir: Any) -> Iterator[None]:
         process_group.explain_timeout(error)
         raise
     finally:
+        utils.get_logger().removeFilter(_not_torchtune_checkpointer)
         while _run_log_handlers:
             handler = _run_log_handlers.pop()
             utils.get_logger().removeHandler(handler)
