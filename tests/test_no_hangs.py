@@ -37,6 +37,7 @@ def _env() -> dict[str, str]:
 
 
 def test_a_stopped_rank_fails_the_other_within_the_collective_timeout(tmp_path):
+    """(The same launch first checks that a rank-local NaN loss is every rank's.)"""
     proc = subprocess.run(
         [*TORCHRUN, str(WORKER), "timeout", str(tmp_path)],
         cwd=REPO,
@@ -51,6 +52,9 @@ def test_a_stopped_rank_fails_the_other_within_the_collective_timeout(tmp_path):
     assert 2.5 <= report["seconds"] < 30, report  # the 3 s limit, not torch's 30 min default
     assert "Timed out" in report["message"]
     assert any("collective_timeout_minutes = 0.05" in note for note in report["notes"]), report
+    # Before that: a NaN loss on rank 1 alone made both ranks see a non-finite step.
+    finite = [json.loads((tmp_path / f"finite{rank}.json").read_text()) for rank in (0, 1)]
+    assert finite == [False, False]
 
 
 def _alive(pid: int) -> bool:
