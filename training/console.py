@@ -92,9 +92,14 @@ def write_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     return path
 
 
-def _not_torchtune_checkpointer(record: logging.LogRecord) -> bool:
+def _worth_showing(record: logging.LogRecord) -> bool:
+    """Not a debug line (torchtune's ``set_seed`` sets the shared logger to DEBUG and logs
+    "Enabling cuDNN deterministic mode" even on CPU), nor an info line of torchtune's
+    checkpointer."""
+    if record.levelno >= logging.WARNING:
+        return True
     parts = Path(record.pathname).parts
-    return record.levelno >= logging.WARNING or not (
+    return record.levelno >= logging.INFO and not (
         "torchtune" in parts and "checkpointing" in parts
     )
 
@@ -122,13 +127,13 @@ def run_context(output_dir: Any) -> Iterator[None]:
     """A recipe's run: dependency warnings filtered (:func:`filter_dependency_warnings`); a
     user error raised inside is recorded (:func:`record_error`), a collective's timeout
     explained (:func:`~kdtune.training.process_group.explain_timeout`), then raised again;
-    torchtune's checkpointer's info lines are dropped meanwhile; at the end the run's
+    debug lines and torchtune's checkpointer's info lines are dropped meanwhile; at the end the run's
     ``run.log`` handler is removed."""
     filter_dependency_warnings()
     # torchtune's checkpointer logs the staging folder it writes to (gone after the atomic
     # rename) and "saved successfully.You can ...": its info lines are dropped during the run;
-    # kdtune logs the real folder ("saved checkpoint ...").
-    utils.get_logger().addFilter(_not_torchtune_checkpointer)
+    # kdtune logs the real folder ("saved checkpoint ..."). Debug lines are dropped too.
+    utils.get_logger().addFilter(_worth_showing)
     try:
         yield
     except USER_ERRORS as error:
@@ -138,7 +143,7 @@ def run_context(output_dir: Any) -> Iterator[None]:
         process_group.explain_timeout(error)
         raise
     finally:
-        utils.get_logger().removeFilter(_not_torchtune_checkpointer)
+        utils.get_logger().removeFilter(_worth_showing)
         while _run_log_handlers:
             handler = _run_log_handlers.pop()
             utils.get_logger().removeHandler(handler)
