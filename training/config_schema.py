@@ -202,7 +202,6 @@ class RecipeConfig:
         "rank) fails the run instead of hanging",
         60.0,
         above=0.0,
-        multi_process=True,
     )
     fsdp_cpu_offload: bool = key(
         "multi-process runs: keep parameter shards, gradients and optimizer state in CPU memory "
