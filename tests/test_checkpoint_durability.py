@@ -61,13 +61,11 @@ def small_state(tag: str) -> dict:
     return {"optimizer": {}, "dataloader": {}, "rng": [], "run": {}, "progress": {"tag": tag}}
 
 
-def save_small(output_dir: Path, step: int, run_id: str, parent: str | None = None) -> Path:
+def save_small(output_dir: Path, step: int, run_id: str, parent: Path | None = None) -> Path:
+    """Save step ``step`` of run ``run_id`` (resumed from ``parent``, or fresh)."""
+    lineage = {"run_id": run_id, "parent": checkpointing.new_run_lineage(parent)["parent"]}
     return save_checkpoint_folder(
-        output_dir,
-        step,
-        write_small_weights,
-        small_state(f"{run_id}:{step}"),
-        {"run_id": run_id, "parent": parent},
+        output_dir, step, write_small_weights, small_state(f"{run_id}:{step}"), lineage
     )
 
 
@@ -220,7 +218,7 @@ def test_true_resumes_the_branch_saved_last_and_pruning_keeps_it(tmp_path):
     with pytest.warns(UserWarning, match="step_0000006, .*step_0000008") as warned:
         folder, _ = resolve_resume(tmp_path, str(step_folder(tmp_path, 4)))
     assert "abandons" in str(warned[0].message) and folder == step_folder(tmp_path, 4)
-    save_small(tmp_path, 6, "b", parent=str(folder))  # run b resumed from step 4, saved 6
+    save_small(tmp_path, 6, "b", parent=folder)  # run b resumed from step 4, saved 6
 
     folder, state = resolve_resume(tmp_path, True)
     assert folder == step_folder(tmp_path, 6) and state["progress"]["tag"] == "b:6"
@@ -229,6 +227,25 @@ def test_true_resumes_the_branch_saved_last_and_pruning_keeps_it(tmp_path):
         "step_0000002",
         "step_0000004",
         "step_0000008",  # the abandoned branch's step 8 goes, not b's step 6
+    ]
+
+
+def test_fallback_stays_on_the_branch_trained_last(tmp_path):
+    """Run b resumed a's step 4 and saved 6 and 8; with b's 8 and 6 unusable, `true` falls
+    back to a's step 4 (b's parent), never to a's abandoned 8; pruning keeps b's branch."""
+    for step in (2, 4, 6, 8, 10):
+        save_small(tmp_path, step, "a")
+    save_small(tmp_path, 6, "b", parent=step_folder(tmp_path, 4))
+    save_small(tmp_path, 8, "b", parent=step_folder(tmp_path, 4))
+    for step in (6, 8):
+        (step_folder(tmp_path, step) / "model.safetensors").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="falling back") as warned:
+        folder, state = resolve_resume(tmp_path, True)
+    assert folder == step_folder(tmp_path, 4) and state["progress"]["tag"] == "a:4"
+    assert "step_0000008" in str(warned[0].message) and "step_0000010" not in str(warned[0].message)
+    assert [p.name for p in prune_checkpoints(tmp_path, keep_last=2)] == [
+        "step_0000002",
+        "step_0000010",
     ]
 
 
@@ -264,7 +281,12 @@ def test_true_continues_the_branch_of_an_explicit_earlier_resume(tiny_assets, ru
                    f"resume_from_checkpoint={step_4}")  # fmt: skip
     step_6 = read_manifest(step_folder(run_a, 6))
     assert step_6["run_id"] != run_a_id
-    assert step_6["parent"] == {"folder": str(step_4.resolve()), "run_id": run_a_id, "step": 4}
+    assert step_6["parent"] == {
+        "folder": str(step_4.resolve()),
+        "run_id": run_a_id,
+        "step": 4,
+        "save_seq": 2,
+    }
     assert read_manifest(step_folder(run_a, 8))["run_id"] == run_a_id  # A's step 8 is still there
 
     run_recipe(tiny_assets, run_a, "resume_from_checkpoint=true", "stop_after_steps=7")

@@ -27,7 +27,8 @@ Resuming (``resume_from_checkpoint``): ``true`` continues the most recently *sav
 (highest ``save_seq``; manifests from before lineage count as one branch ordered by step), so
 after resuming from an earlier step the new branch is continued, not the abandoned one. A
 checkpoint that fails cheap checks (manifest, file sizes, safetensors headers) or whose
-training state does not load is skipped for the previous one, with a warning naming both. An
+training state does not load is skipped for the previous one of its branch (its run's earlier
+saves, then its parent's), with a warning naming both; pruning keeps that branch. An
 explicit folder must pass the same checks; resuming from it warns about the later checkpoints
 it abandons. The weights are written by torchtune's ``FullModelHFCheckpointer`` (so
 ``FullModelHFCheckpointer`` loads them back). In a multi-process run the caller gathers the
@@ -174,7 +175,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     parses and covers the file (a truncated file fails).
     """
     try:
-        manifest = json.loads((folder / MANIFEST_FILENAME).read_text())
+        manifest = read_manifest(folder)
     except FileNotFoundError:
         return f"no {MANIFEST_FILENAME} (the save did not finish)"
     except (OSError, ValueError) as error:
@@ -234,19 +235,56 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return folders[-1] if folders else None
 
 
+def _branch_ancestors(head: Path, newest_first: list[Path]) -> list[Path]:
+    """The checkpoints ``head`` descends from, newest first: earlier saves of its run, then
+    its run's parent checkpoint and the saves of that run up to it, and so on. Manifests
+    without lineage form one run (``run_id`` None) ordered by step."""
+    manifests = {folder: _manifest_or_none(folder) for folder in newest_first}
+    run_id, bound, inclusive = manifests[head].get("run_id"), _save_order_key(head), False
+    parent = manifests[head].get("parent")
+    ancestors: list[Path] = []
+    seen_runs = set()
+    while run_id not in seen_runs:
+        seen_runs.add(run_id)
+        ancestors += [
+            folder
+            for folder in newest_first
+            if manifests[folder] is not None
+            and manifests[folder].get("run_id") == run_id
+            and (_save_order_key(folder) <= bound if inclusive else _save_order_key(folder) < bound)
+        ]
+        if not isinstance(parent, dict):
+            break
+        run_id, inclusive = parent.get("run_id"), True
+        bound = (parent.get("save_seq", 0), parent.get("step", 0))
+        parent = next(
+            (m.get("parent") for m in manifests.values() if m and m.get("run_id") == run_id), None
+        )
+    return [folder for folder in ancestors if folder != head]
+
+
+def resume_order(output_dir: str | Path) -> list[Path]:
+    """The checkpoints ``resume_from_checkpoint = true`` tries, in order: the most recently
+    saved, then the ones it descends from (:func:`_branch_ancestors`), never a checkpoint of
+    an abandoned branch. Newer checkpoints with unreadable manifests come first (to be
+    reported)."""
+    newest_first = list(reversed(checkpoints_by_save_order(output_dir)))
+    for index, head in enumerate(newest_first):
+        if _manifest_or_none(head) is not None:
+            return newest_first[: index + 1] + _branch_ancestors(head, newest_first)
+    return newest_first
+
+
 def resume_candidate(output_dir: str | Path) -> Path | None:
     """The checkpoint ``resume_from_checkpoint = true`` would resume from, as far as cheap
     checks tell (:func:`checkpoint_problem`; the training state is not loaded), or None."""
-    for folder in reversed(checkpoints_by_save_order(output_dir)):
-        if checkpoint_problem(folder) is None:
-            return folder
-    return None
+    return next((f for f in resume_order(output_dir) if checkpoint_problem(f) is None), None)
 
 
 def _latest_resumable(output_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The most recently saved checkpoint that loads, and its training state; a newer one
-    that does not is skipped with a warning naming both."""
-    folders = checkpoints_by_save_order(output_dir)
+    """The first checkpoint of :func:`resume_order` that loads, and its training state; a
+    newer one that does not is skipped with a warning naming both."""
+    folders = resume_order(output_dir)
     if not folders:
         raise CheckpointError(
             f"resume_from_checkpoint = true but {checkpoints_root(output_dir)} holds no "
@@ -254,7 +292,7 @@ def _latest_resumable(output_dir: str | Path) -> tuple[Path, dict[str, Any]]:
             "for a fresh run, or point output_dir at the earlier run"
         )
     skipped: list[str] = []
-    for folder in reversed(folders):
+    for folder in folders:
         try:
             state = load_checked_training_state(folder)
         except CheckpointError as error:
@@ -267,9 +305,10 @@ def _latest_resumable(output_dir: str | Path) -> tuple[Path, dict[str, Any]]:
             )
         return folder, state
     raise CheckpointError(
-        f"resume_from_checkpoint = true but no checkpoint under {checkpoints_root(output_dir)} "
-        f"can be resumed from: {'; '.join(skipped)}; point resume_from_checkpoint at a good "
-        "copy, or set it to false and use another output_dir"
+        f"resume_from_checkpoint = true but no checkpoint of the branch trained last under "
+        f"{checkpoints_root(output_dir)} can be resumed from: {'; '.join(skipped)}; give "
+        "resume_from_checkpoint a step_N folder to resume from, or set it to false and use "
+        "another output_dir"
     )
 
 
@@ -342,6 +381,7 @@ def new_run_lineage(resume_folder: Path | None) -> dict[str, Any]:
             "folder": str(resume_folder.resolve()),
             "run_id": manifest.get("run_id"),
             "step": manifest.get("step"),
+            "save_seq": manifest.get("save_seq", 0),
         }
     return {"run_id": run_id, "parent": parent}
 
@@ -542,13 +582,13 @@ def save_checkpoint_folder(
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int | None) -> list[Path]:
-    """Delete all but the ``keep_last`` most recently saved checkpoints, never the one
-    ``resume_from_checkpoint = true`` would resume from; return the deleted ones."""
+    """Keep the first ``keep_last`` checkpoints of :func:`resume_order` (the branch being
+    trained, newest first) and the one ``resume_from_checkpoint = true`` would resume from;
+    delete the others (older ones, and those of abandoned branches). Return the deleted ones."""
     if keep_last is None:
         return []
-    folders = checkpoints_by_save_order(output_dir)
-    kept = set(folders[-keep_last:]) | {resume_candidate(output_dir)}
-    doomed = [folder for folder in folders if folder not in kept]
+    kept = set(resume_order(output_dir)[:keep_last]) | {resume_candidate(output_dir)}
+    doomed = [f for f in checkpoints_by_save_order(output_dir) if f not in kept]
     for folder in doomed:
         shutil.rmtree(folder)
     return doomed
