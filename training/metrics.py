@@ -269,7 +269,10 @@ class MetricsWriter:
             return
         kept = [line for line, record in _parse_lines(self.path) if record["step"] <= step]
         temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(f"{line}\n" for line in kept))
+        with temporary.open("w") as file:
+            file.write("".join(f"{line}\n" for line in kept))
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
