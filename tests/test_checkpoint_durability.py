@@ -41,7 +41,6 @@ from kdtune.training.runtime import NonFiniteWeightsError
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-WEIGHTS = "model-00001-of-00001.safetensors"  # the tiny student's one shard, as torchtune names it
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +74,12 @@ def tag_of(folder: Path) -> str:
 
 def step_folder(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / step_dirname(step)
+
+
+def weights_path(folder: Path) -> str:
+    """The tiny student's one weight shard in a recipe checkpoint, relative to ``folder``."""
+    [shard] = folder.rglob("model-00001-of-00001.safetensors")
+    return shard.relative_to(folder).as_posix()
 
 
 def run_recipe(assets, output_dir: Path, *overrides: str) -> None:
@@ -311,8 +316,8 @@ def garble(path: Path) -> None:
 CORRUPTIONS = {
     "state truncated": (lambda f: truncate(f / TRAINING_STATE_FILENAME), "training_state.pt has"),
     "state garbled": (lambda f: garble(f / TRAINING_STATE_FILENAME), "does not load"),
-    "weights missing": (lambda f: (f / WEIGHTS).unlink(), f"{WEIGHTS} is missing"),
-    "weights truncated": (lambda f: truncate(f / WEIGHTS), f"{WEIGHTS} has"),
+    "weights missing": (lambda f: (f / weights_path(f)).unlink(), "{weights} is missing"),
+    "weights truncated": (lambda f: truncate(f / weights_path(f)), "{weights} has"),
     "manifest not JSON": (lambda f: truncate(f / MANIFEST_FILENAME), "is not valid JSON"),
 }
 
@@ -321,6 +326,7 @@ CORRUPTIONS = {
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(run_a, corruption):
     damage, problem = CORRUPTIONS[corruption]
     newest, previous = step_folder(run_a, 8), step_folder(run_a, 6)
+    problem = problem.format(weights=weights_path(newest))
     damage(newest)
     with pytest.warns(UserWarning) as warned:
         folder, _, _ = read_resume_state(run_a, True, is_main=True)
@@ -338,8 +344,9 @@ def test_legacy_checkpoint_with_a_truncated_weight_file_is_caught_without_sizes(
     manifest = read_manifest(newest)
     del manifest["file_sizes"]
     (newest / MANIFEST_FILENAME).write_text(json.dumps(manifest))
-    truncate(newest / WEIGHTS)
-    with pytest.raises(CheckpointError, match=f"{WEIGHTS} is not a readable safetensors file"):
+    weights = weights_path(newest)
+    truncate(newest / weights)
+    with pytest.raises(CheckpointError, match=f"{weights} is not a readable safetensors file"):
         resolve_resume(run_a, str(newest))
 
 
@@ -447,9 +454,10 @@ def test_a_kill_while_resaving_a_step_keeps_the_old_checkpoint(tiny_assets, run_
     """Run B resumes step 2 and is killed while writing its step 4 over A's: A's stays."""
     real_write = checkpointing.write_hf_weights
 
-    def killed(checkpointer, state_dict, folder, adapter_only):
-        real_write(checkpointer, state_dict, folder, adapter_only)
-        (folder / WEIGHTS).write_bytes(b"half")
+    def killed(*args, **kwargs) -> None:  # the weights half-written, then the process dies
+        real_write(*args, **kwargs)
+        [staging] = (run_a / "checkpoints").glob(".staging_*")
+        next(staging.rglob("*.safetensors")).write_bytes(b"half")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpointing, "write_hf_weights", killed)
@@ -495,7 +503,7 @@ def test_non_finite_weights_are_an_error_naming_tensor_and_source(
     overrides = []
     if source == "resumed":
         folder = step_folder(run_a, 8)
-        weights_file, output_dir = folder / WEIGHTS, run_a
+        weights_file, output_dir = folder / weights_path(folder), run_a
         overrides.append(f"resume_from_checkpoint={folder}")
     else:
         folder = Path(shutil.copytree(getattr(tiny_assets, f"{source}_dir"), tmp_path / source))
