@@ -35,12 +35,7 @@ from kdtune import __version__
 from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import checkpointing as ckpt
 from kdtune.training import parallel, process_group, state_dicts
-from kdtune.training.config_checks import (
-    check_config,
-    check_vocabularies,
-    kd_vocab_columns,
-    normalize_null_components,
-)
+from kdtune.training.config_checks import check_config, kd_vocab_columns, normalize_null_components
 from kdtune.training.config_schema import with_defaults
 from kdtune.training.data import (
     batch_to_device,
@@ -60,6 +55,7 @@ from kdtune.training.metrics import (
     peak_memory_gib,
 )
 from kdtune.training.on_policy import on_policy_rollout
+from kdtune.training.preflight import preflight
 from kdtune.training.runtime import (
     Runtime,
     build_loss_step,
@@ -123,8 +119,8 @@ class KDRecipe(FTRecipeInterface):
             seed = ckpt.saved_seed(resumed, cfg.seed)
             self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
 
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        check_vocabularies(cfg, self._tokenizer)
+        # Config, models on meta vs checkpoints, data scan: every problem before any weights.
+        self._tokenizer = preflight(cfg, self._metrics, resumed, show_progress=runtime.is_main)
         # teacher_cache: its top-k rows replace the teacher (checked before models are built).
         self._teacher_cache = teacher_cache.open_for_training(cfg)
 
