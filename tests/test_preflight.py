@@ -134,9 +134,8 @@ def test_problems_block_their_key_its_parents_and_children():
     assert not problems.blocks("optimizer_x") and not problems.blocks("lr_scheduler")
     problems.error("bad node", "dataset")
     assert problems.blocks("dataset.data_files") and problems.blocks("dataset[1]")
-    assert "3 config problem(s) here:\n  - bad lr\n  - no key\n  - bad node" == problems.text(
-        "here"
-    )
+    expected = "3 config problem(s) here:\n  - bad lr\n  - no key\n  - bad node"
+    assert problems.text("here") == expected
 
 
 # Published Hugging Face config.json values of the real models the shipped configs build.

@@ -1,19 +1,23 @@
 """Check a KD recipe config before anything is built.
 
-Two phases, both run by the recipe before it builds a real model and by ``kdtune validate``:
+The phases of the preflight (:mod:`kdtune.training.preflight` runs them all, for the recipe and
+``kdtune validate``, and reports every problem at once):
 
-1. :func:`check_config` reads only the config: unknown or misspelt keys (top level and inside
-   every ``_component_`` node), value types and ranges, the loss combination (chunked, fused or
-   CE only), chunk counts and ``ignore_index`` that must agree, and missing checkpoint,
-   tokenizer and data files.
-2. :func:`check_models` compares facts about the models and the tokenizer: vocabulary sizes
+1. :func:`config_problems` (raised by :func:`check_config`) reads only the config: unknown or
+   misspelt keys (top level and inside every ``_component_`` node), value types and ranges,
+   the loss combination (chunked, fused or CE only), chunk counts and ``ignore_index`` that
+   must agree, LoRA options, the losses, optimizer and scheduler built with their real options
+   (a value they reject is named by its key), and missing checkpoint, tokenizer and data files.
+2. :func:`model_problems` compares facts about the models and the tokenizer: vocabulary sizes
    (an error naming both, unless ``kd_loss.vocab_columns`` truncates to the smaller one and the
    tokenizer never produces an id beyond it) and the teacher's size (a warning when smaller
-   than the student). :func:`describe_model` gets those facts by building a model on the meta
-   device, which costs no memory and loads no weights.
+   than the student). :func:`describe_model` gets those facts, and the architecture a
+   checkpoint's ``config.json`` must match, by building a model on the meta device, which
+   costs no memory and loads no weights.
 
-Every problem is a :class:`ConfigError` (a ``ValueError``) naming the key, the bad value and
-the fix; all problems found in one phase are reported together.
+Every problem is a :class:`Problem` keyed by the config key at fault (a later check of that key
+is skipped: :meth:`Problems.blocks`); raised, they are one :class:`ConfigError` (a
+``ValueError``) listing each with its key, the bad value and the fix.
 """
 
 from __future__ import annotations
