@@ -161,6 +161,22 @@ TABLE = [
         ["enable_activation_offloading", "cpu"],
         ["enable_activation_offloading=true", "enable_activation_checkpointing=true"],
     ),
+    Row(
+        "adapter-only save of a full student",
+        ["save_adapter_weights_only = true", "LoRA/DoRA student"],
+        ["save_adapter_weights_only=true"],
+    ),
+    Row(
+        "fewer batches than accumulation steps",
+        ["gradient_accumulation_steps = 4", "24 training samples", "lower batch_size"],
+        ["batch_size=16", "gradient_accumulation_steps=4", "max_steps_per_epoch=null"],
+    ),
+    Row(
+        "off-policy steps without answers",
+        ["dataset has 24 record(s) without an answer", "on_policy.fraction: 1.0"],
+        ["on_policy={fraction: 0.5, max_new_tokens: 4}"],
+        prepare=data_records(lambda rs: [{**r, "output": ""} for r in rs]),
+    ),
     Row("lora_rank 0", ["model.lora_rank = 0", ">= 1"], ["model.lora_rank=0"], config=LORA),
     Row("lora_alpha negative", ["model.lora_alpha", "-1"], ["model.lora_alpha=-1"], config=LORA),
     Row("lora_dropout 1.5", ["model.lora_dropout", "1.5"], ["model.lora_dropout=1.5"], config=LORA),

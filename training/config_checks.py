@@ -36,6 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torchtune.config._utils import _get_component_from_path
+from torchtune.modules.peft import get_adapter_params
 
 from kdtune.losses.fused import FusedLinearKDLoss
 from kdtune.training.config_schema import FIELDS, schema_problems, with_defaults
@@ -704,9 +705,14 @@ _DEPENDENT_CHECKS: tuple[Callable[[DictConfig, Problems], None], ...] = (
 sees everything at once; a check that fails on a reported bad value is skipped)."""
 
 
-def config_problems(cfg: DictConfig, problems: Problems) -> None:
+def config_problems(cfg: DictConfig, problems: Problems) -> DictConfig:
     """Phase 1 into ``problems``: the config alone. Builds nothing but the cheap components
-    (losses, optimizer, scheduler on a stand-in parameter), reads only file names."""
+    (losses, optimizer, scheduler on a stand-in parameter), reads only file names.
+
+    Returns:
+        The copy of ``cfg`` the later phases read: null component overrides read as null
+        (:func:`normalize_null_components`), absent optional keys at their defaults.
+    """
     cfg = normalize_null_components(cfg)
     _check_top_level_keys(cfg, problems)
     _check_components(cfg, problems)
@@ -719,6 +725,7 @@ def config_problems(cfg: DictConfig, problems: Problems) -> None:
             if not reported:
                 raise
             # a consequence of a problem already reported (e.g. a value of the wrong type)
+    return cfg
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -748,6 +755,7 @@ class ModelFacts:
     num_params: int
     max_seq_len: int | None = None
     architecture: dict[str, int] = field(default_factory=dict)
+    has_adapters: bool = False  # LoRA/DoRA parameters
 
 
 HF_ARCHITECTURE_FIELDS = (
@@ -812,6 +820,7 @@ def describe_model(node: DictConfig) -> ModelFacts:
         num_params=num_params,
         max_seq_len=int(context) if _is_int(context) else None,
         architecture=model_architecture(model),
+        has_adapters=bool(get_adapter_params(model)),
     )
     del model
     return facts

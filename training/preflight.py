@@ -20,6 +20,8 @@ config key (and, for data, the file and the record) and the fix.
 from __future__ import annotations
 
 import json
+import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,12 +41,11 @@ from kdtune.training.config_checks import (
     config_problems,
     describe_model,
     model_problems,
-    normalize_null_components,
     tokenizer_max_id,
 )
-from kdtune.training.config_schema import with_defaults
-from kdtune.training.data import build_dataset_node, data_source
+from kdtune.training.data import build_dataset_node, data_source, steps_per_epoch
 from kdtune.training.metrics import MetricsWriter
+from kdtune.training.on_policy import OnPolicySettings, check_answers, on_policy_settings
 
 log = utils.get_logger("INFO")
 
@@ -97,6 +98,7 @@ class Report:
     student: ModelFacts | None = None
     teacher: ModelFacts | None = None
     scans: list[DataScan] = field(default_factory=list)
+    cache: Any = None  # the opened teacher_cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +114,7 @@ def check_run(cfg: DictConfig, *, scan_data: bool = True, show_progress: bool = 
         show_progress: a tqdm bar per scanned dataset.
     """
     problems = Problems()
-    config_problems(cfg, problems)
-    cfg = with_defaults(normalize_null_components(cfg))
+    cfg = config_problems(cfg, problems)
     report = Report(problems)
     report.student = _guarded(problems, _describe, cfg, "model", problems)
     if cfg.get("teacher_model") is not None:
@@ -121,8 +122,15 @@ def check_run(cfg: DictConfig, *, scan_data: bool = True, show_progress: bool = 
     for key, facts in (("checkpointer", report.student), ("teacher_checkpointer", report.teacher)):
         if facts is not None and not (key == "teacher_checkpointer" and cfg.get("teacher_cache")):
             _guarded(problems, _check_checkpoint_architecture, cfg, key, facts, problems)
+    full_student = report.student is not None and not report.student.has_adapters
+    if full_student and cfg.save_adapter_weights_only:
+        problems.error(
+            "save_adapter_weights_only = true needs a LoRA/DoRA student (a lora_* model "
+            "builder): set it to false for a full-parameter student",
+            "save_adapter_weights_only",
+        )
     if cfg.get("teacher_cache") is not None and not problems.blocks("model"):
-        _guarded(problems, teacher_cache.open_for_training, cfg)
+        report.cache = _guarded(problems, teacher_cache.open_for_training, cfg)
     report.tokenizer = _guarded(problems, _build_tokenizer, cfg, problems)
     if report.tokenizer is None:
         return report
@@ -269,49 +277,85 @@ def _dataset_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     return [(key, node) for key, node in found if isinstance(node, DictConfig)]
 
 
-def _prompt_only_allowed(cfg: DictConfig) -> bool:
-    """Every training step is on-policy: prompt-only records are valid training data."""
-    from kdtune.training.on_policy import on_policy_settings
-
-    settings = on_policy_settings(cfg.get("on_policy"))
-    return settings is not None and settings.fraction >= 1.0
-
-
 def _scan_all(
     cfg: DictConfig, report: Report, show_progress: bool, problems: Problems
 ) -> list[DataScan]:
     contexts = [f.max_seq_len for f in (report.student, report.teacher) if f is not None]
     context = min((c for c in contexts if c is not None), default=None)
-    prompt_only = _prompt_only_allowed(cfg)
+    on_policy = None if problems.blocks("on_policy") else on_policy_settings(cfg.get("on_policy"))
     scans = []
     for key, node in _dataset_nodes(cfg):
         if problems.blocks(key):
             continue
-        scan = scan_dataset(key, node, report.tokenizer, problems, show_progress=show_progress)
+        train = key != "validation_dataset"
+        needs_answers = on_policy if train and on_policy and on_policy.fraction < 1 else None
+        scan = scan_dataset(
+            key,
+            node,
+            report.tokenizer,
+            problems,
+            show_progress=show_progress,
+            on_policy=needs_answers,
+        )
         if scan is None:
             continue
         scan.student_context = report.student.max_seq_len if report.student else None
         scan.teacher_context = report.teacher.max_seq_len if report.teacher else None
-        _judge(
-            cfg,
-            key,
-            scan,
-            context,
-            problems,
-            may_lack_targets=prompt_only and key != "validation_dataset",
-        )
+        prompt_only = train and on_policy is not None and on_policy.fraction >= 1
+        _judge(cfg, key, scan, context, problems, may_lack_targets=prompt_only)
         scans.append(scan)
+    _check_training_size(
+        cfg, report, [s for s in scans if s.dataset != "validation_dataset"], problems
+    )
     return scans
 
 
+def _check_training_size(
+    cfg: DictConfig, report: Report, scans: list[DataScan], problems: Problems
+) -> None:
+    """At least one optimizer step per epoch (this process count: ``WORLD_SIZE``, as torchrun
+    sets it; 1 for ``validate``), and as many samples as the teacher cache holds."""
+    nodes = [node for key, node in _dataset_nodes(cfg) if key != "validation_dataset"]
+    if len(scans) != len(nodes):
+        return  # a training node failed to load: reported
+    samples = sum(scan.num_samples for scan in scans)
+    if samples == 0:
+        return
+    try:
+        teacher_cache.check_num_samples(report.cache, range(samples))  # only len() is read
+    except ConfigError as error:
+        problems.error(str(error), "teacher_cache")
+    if any(node.get("packed", False) for node in nodes):
+        return  # packs, not samples, make the batches
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = math.ceil(samples / world_size)  # the sampler pads to a multiple of the ranks
+    try:
+        steps_per_epoch(
+            per_rank // int(cfg.batch_size),
+            int(cfg.batch_size),
+            int(cfg.gradient_accumulation_steps),
+            cfg.max_steps_per_epoch,
+        )
+    except ValueError as error:
+        problems.error(
+            f"{error} ({samples} training samples, {world_size} process(es))", "batch_size"
+        )
+
+
 def scan_dataset(
-    key: str, node: DictConfig, tokenizer: Any, problems: Problems, *, show_progress: bool
+    key: str,
+    node: DictConfig,
+    tokenizer: Any,
+    problems: Problems,
+    *,
+    show_progress: bool,
+    on_policy: OnPolicySettings | None = None,
 ) -> DataScan | None:
     """Build ``node`` (unpacked: a packed node's samples) and tokenize each sample once.
 
     Records that cannot be read (a missing column, a value the transform rejects) are
     problems naming the record index, the file and the key; None when the data cannot be
-    loaded at all.
+    loaded at all. With ``on_policy`` (some steps off-policy) every record needs an answer.
     """
     if node.get("packed", False):
         node = node.copy()
@@ -321,6 +365,11 @@ def scan_dataset(
     except ConfigError as error:
         problems.error(str(error), key)
         return None
+    if on_policy is not None:
+        try:
+            check_answers(dataset, on_policy, key=key)
+        except ValueError as error:
+            problems.error(str(error), "on_policy")
     scan = DataScan(dataset=key, source=data_source(node))
     max_len = getattr(tokenizer, "max_seq_len", None)
     bad: dict[str, list[int]] = {}
