@@ -219,6 +219,11 @@ TABLE = [
         ["checkpointer.checkpoint_files=[missing.safetensors]"],
     ),
     Row(
+        "unknown model_type",
+        ["checkpointer.model_type = 'LLAMA9'", "LLAMA3"],
+        ["checkpointer.model_type=LLAMA9"],
+    ),
+    Row(
         "teacher config.json missing",
         ["teacher_checkpointer.checkpoint_files", "config.json"],
         prepare=hf_config("teacher"),

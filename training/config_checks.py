@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torchtune.config._utils import _get_component_from_path
 from torchtune.modules.peft import get_adapter_params
+from torchtune.training import ModelType
 
 from kdtune.losses.fused import FusedLinearKDLoss
 from kdtune.training.config_schema import FIELDS, schema_problems, with_defaults
@@ -638,6 +639,13 @@ def _check_checkpoint_files(cfg: DictConfig, problems: Problems) -> None:
         except (OmegaConfBaseException, AttributeError, ValueError) as error:
             problems.error(f"{key}: needs checkpoint_dir and checkpoint_files ({error})", key)
             continue
+        model_type = node.get("model_type")
+        if model_type is not None and str(model_type) not in ModelType.__members__:
+            problems.error(
+                f"{key}.model_type = {model_type!r} is not one of torchtune's model types "
+                f"{list(ModelType.__members__)}: use the one of the checkpoint's architecture",
+                f"{key}.model_type",
+            )
         if not folder.is_dir():
             problems.error(
                 f"{key}.checkpoint_dir: {folder} does not exist; download the model there "
