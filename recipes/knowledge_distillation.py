@@ -35,7 +35,11 @@ from kdtune import __version__
 from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import checkpointing as ckpt
 from kdtune.training import parallel, process_group, state_dicts
-from kdtune.training.config_checks import check_config, kd_vocab_columns, normalize_null_components
+from kdtune.training.config_checks import (
+    check_config,
+    kd_vocab_columns,
+    normalize_null_components,
+)
 from kdtune.training.config_schema import with_defaults
 from kdtune.training.data import (
     batch_to_device,
@@ -120,7 +124,7 @@ class KDRecipe(FTRecipeInterface):
             self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
 
         # Config, models on meta vs checkpoints, data scan: every problem before any weights.
-        self._tokenizer = preflight(cfg, self._metrics, resumed, show_progress=runtime.is_main)
+        self._tokenizer = preflight(cfg, self._metrics, resumed, is_main=runtime.is_main)
         # teacher_cache: its top-k rows replace the teacher (checked before models are built).
         self._teacher_cache = teacher_cache.open_for_training(cfg)
 

@@ -122,13 +122,8 @@ def check_run(cfg: DictConfig, *, scan_data: bool = True, show_progress: bool = 
     for key, facts in (("checkpointer", report.student), ("teacher_checkpointer", report.teacher)):
         if facts is not None and not (key == "teacher_checkpointer" and cfg.get("teacher_cache")):
             _guarded(problems, _check_checkpoint_architecture, cfg, key, facts, problems)
-    full_student = report.student is not None and not report.student.has_adapters
-    if full_student and cfg.save_adapter_weights_only:
-        problems.error(
-            "save_adapter_weights_only = true needs a LoRA/DoRA student (a lora_* model "
-            "builder): set it to false for a full-parameter student",
-            "save_adapter_weights_only",
-        )
+    if report.student is not None:
+        _check_adapter_only_save(cfg, report.student, problems)
     if cfg.get("teacher_cache") is not None and not problems.blocks("model"):
         report.cache = _guarded(problems, teacher_cache.open_for_training, cfg)
     report.tokenizer = _guarded(problems, _build_tokenizer, cfg, problems)
@@ -148,11 +143,13 @@ def preflight(
     metrics: MetricsWriter | None = None,
     resumed: dict[str, Any] | None = None,
     *,
-    show_progress: bool = True,
+    is_main: bool = True,
 ) -> Any:
-    """The recipe's preflight: :func:`check_run`, raising every problem at once; warnings are
-    issued, each dataset's figures go to ``metrics`` (kind ``"data"``, at the step the run
-    starts from: ``resumed``'s) and to one log line.
+    """The recipe's preflight: :func:`check_run`, raising every problem at once. Every process
+    of a multi-process run runs it (the same data, the same verdict: no rank waits for another
+    that failed); the main one shows the scan's progress bar, issues the warnings, and logs
+    each dataset's figures in one line and to ``metrics`` (kind ``"data"``, at the step the
+    run starts from: ``resumed``'s).
 
     Returns:
         The tokenizer (built from ``cfg.tokenizer``).
@@ -160,22 +157,24 @@ def preflight(
     Raises:
         ConfigError: every problem, one per line, each naming key (file, record) and fix.
     """
-    report = check_run(cfg, show_progress=show_progress)
+    report = check_run(cfg, show_progress=is_main)
     report.problems.raise_if_any(PREFLIGHT)
+    if not is_main:
+        return report.tokenizer
     for message in report.problems.warnings:
         warnings.warn(message, stacklevel=2)
     step = int((resumed or {}).get("progress", {}).get("global_step", 0))
     for scan in report.scans:
         if metrics is not None:
             metrics.write(scan.record(step))
-    if report.scans and show_progress:
+    if report.scans:
         log.info("Data scan: " + "; ".join(scan.summary() for scan in report.scans))
     return report.tokenizer
 
 
 def _guarded(problems: Problems, check: Any, *args: Any) -> Any:
-    """``check(*args)``; a :class:`ConfigError` becomes a problem (None returned); any other
-    error too when it may follow from a problem already reported."""
+    """``check(*args)``; a :class:`ConfigError` becomes a problem (None returned). Any other
+    error is raised, unless a problem was reported before (it may follow from that one)."""
     reported = len(problems.errors)
     try:
         return check(*args)
@@ -243,6 +242,15 @@ def _check_checkpoint_architecture(
             f"{key}.checkpoint_dir at that model's checkpoint, or set {model_key} to the builder "
             "of this checkpoint",
             key,
+        )
+
+
+def _check_adapter_only_save(cfg: DictConfig, student: ModelFacts, problems: Problems) -> None:
+    if cfg.save_adapter_weights_only and not student.has_adapters:
+        problems.error(
+            "save_adapter_weights_only = true needs a LoRA/DoRA student (a lora_* model "
+            "builder): set it to false for a full-parameter student",
+            "save_adapter_weights_only",
         )
 
 
