@@ -76,8 +76,10 @@ def json_file_problem(path: Path) -> str | None:
         if text.lstrip().startswith("["):
             return f"is not valid JSON: {whole.msg} at line {whole.lineno} column {whole.colno}"
         for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
             try:
-                json.loads(line) if line.strip() else None
+                json.loads(line)
             except json.JSONDecodeError as error:
                 return f"line {number} is not valid JSON (one record per line): {error.msg}"
         return None
