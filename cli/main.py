@@ -174,19 +174,23 @@ def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kdtune.training.config_checks import ConfigError, check_config_and_models
+    """The recipe's preflight (:func:`kdtune.training.preflight.check_run`) without training:
+    every problem of every phase at once (exit 1), else the warnings, data figures and OK."""
+    from kdtune.training.preflight import PREFLIGHT, check_run
 
     config_path = resolve_config(args.config)
     cfg = load_config(config_path, args.overrides)
-    try:
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            found = check_config_and_models(cfg)
-    except ConfigError as error:
-        print(f"INVALID {config_path}\n{error}", file=sys.stderr)
-        return 1
-    for message in found:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the problems and warnings are the report
+        report = check_run(cfg, show_progress=sys.stderr.isatty())
+    problems = report.problems
+    for message in problems.warnings:
         print(f"warning: {message}")
+    if problems.errors:
+        print(f"INVALID {config_path}\n{problems.text(PREFLIGHT)}", file=sys.stderr)
+        return 1
+    for scan in report.scans:
+        print(f"data: {scan.summary()}")
     print(f"OK {config_path}")
     return 0
 

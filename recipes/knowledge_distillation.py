@@ -37,7 +37,6 @@ from kdtune.training import checkpointing as ckpt
 from kdtune.training import console, parallel, process_group, state_dicts
 from kdtune.training.config_checks import (
     check_config,
-    check_vocabularies,
     kd_vocab_columns,
     normalize_null_components,
 )
@@ -61,6 +60,7 @@ from kdtune.training.metrics import (
     peak_memory_gib,
 )
 from kdtune.training.on_policy import on_policy_rollout
+from kdtune.training.preflight import preflight
 from kdtune.training.runtime import (
     Runtime,
     build_loss_step,
@@ -125,8 +125,8 @@ class KDRecipe(FTRecipeInterface):
             self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
             self._guard.resumed(resume_folder, resumed["progress"])
 
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        check_vocabularies(cfg, self._tokenizer)
+        # Config, models on meta vs checkpoints, data scan: every problem before any weights.
+        self._tokenizer = preflight(cfg, self._metrics, resumed, is_main=runtime.is_main)
         # teacher_cache: its top-k rows replace the teacher (checked before models are built).
         self._teacher_cache = teacher_cache.open_for_training(cfg)
 

@@ -292,6 +292,11 @@ def test_recipe_refuses_mismatched_vocab_before_building(tiny_assets, tmp_path, 
 def test_swapped_teacher_and_student_give_a_warning(tiny_assets, tmp_path):
     cfg = tiny_config(tiny_assets, tmp_path)
     cfg.model, cfg.teacher_model = cfg.teacher_model, cfg.model
+    # with their checkpoints (each config.json must describe its builder's model)
+    cfg.checkpointer.checkpoint_dir, cfg.teacher_checkpointer.checkpoint_dir = (
+        cfg.teacher_checkpointer.checkpoint_dir,
+        cfg.checkpointer.checkpoint_dir,
+    )
     with pytest.warns(UserWarning, match="fewer parameters"):
         found = check_config_and_models(cfg)
     assert len(found) == 1

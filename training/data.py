@@ -8,8 +8,10 @@ runs: rank ``r`` of ``W`` reads every ``W``-th sample of the epoch's permutation
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,14 +24,104 @@ from torchtune import config
 from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.datasets import ConcatDataset
 
+from kdtune.training.config_checks import ConfigError
+
 Batch = dict[str, Tensor]
 
 
-def build_dataset(cfg_dataset: DictConfig | ListConfig, tokenizer: Any) -> Dataset:
-    """One dataset node, or a list of them concatenated (torchtune's convention)."""
+def build_dataset(
+    cfg_dataset: DictConfig | ListConfig, tokenizer: Any, key: str = "dataset"
+) -> Dataset:
+    """One dataset node, or a list of them concatenated (torchtune's convention).
+
+    Raises:
+        ConfigError: the data cannot be loaded or holds no record (:func:`build_dataset_node`).
+    """
     if isinstance(cfg_dataset, ListConfig):
-        return ConcatDataset([config.instantiate(node, tokenizer) for node in cfg_dataset])
-    return config.instantiate(cfg_dataset, tokenizer)
+        return ConcatDataset(
+            [
+                build_dataset_node(f"{key}[{i}]", node, tokenizer)
+                for i, node in enumerate(cfg_dataset)
+            ]
+        )
+    return build_dataset_node(key, cfg_dataset, tokenizer)
+
+
+def data_files(node: DictConfig) -> list[str]:
+    """The local files a dataset node reads (``data_files``: one path or a list; none for a
+    Hugging Face Hub dataset)."""
+    files = node.get("data_files")
+    if files is None:
+        return []
+    return [str(files)] if isinstance(files, str) else [str(f) for f in files]
+
+
+def data_source(node: DictConfig) -> str:
+    """How messages name a node's data: its file(s), else its ``source``."""
+    files = data_files(node)
+    if files:
+        return ", ".join(files)
+    return str(node.get("source") or node["_component_"])
+
+
+def json_file_problem(path: Path) -> str | None:
+    """What is wrong with a ``source: json`` data file (None: nothing found): empty, an empty
+    list, or the first place that is neither a JSON document nor JSON lines."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return "is empty"
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as whole:
+        if text.lstrip().startswith("["):
+            return f"is not valid JSON: {whole.msg} at line {whole.lineno} column {whole.colno}"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number} is not valid JSON (one record per line): {error.msg}"
+        return None
+    if document == [] or document == {}:
+        return "holds no records (an empty JSON document)"
+    return None
+
+
+def build_dataset_node(key: str, node: DictConfig, tokenizer: Any) -> Dataset:
+    """``config.instantiate(node, tokenizer)``, its failures to load data named.
+
+    Raises:
+        ConfigError: naming ``key``, the file and what is wrong with it (empty, not JSON, the
+            line at fault) and the fix; or the data holds no record.
+    """
+    try:
+        dataset = config.instantiate(node, tokenizer)
+    except Exception as error:
+        raise ConfigError(_load_error(key, node, error)) from error
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ConfigError(
+            f"{key}: {data_source(node)} gives no records (split {node.get('split')!r}): add "
+            f"data, or fix {key}.data_files / {key}.split"
+        )
+    return dataset
+
+
+def _load_error(key: str, node: DictConfig, error: Exception) -> str:
+    if node.get("source") == "json":
+        for file in data_files(node):
+            path = Path(file)
+            problem = json_file_problem(path) if path.is_file() else "does not exist"
+            if problem is not None:
+                return (
+                    f"{key}.data_files: {file} {problem}: fix the file (a JSON list of records, "
+                    "or one JSON record per line)"
+                )
+    cause = error.__cause__ or error
+    return (
+        f"{key}: {node['_component_']} cannot load {data_source(node)}: "
+        f"{type(cause).__name__}: {cause}"
+    )
 
 
 def sft_collate(pad_id: int, ignore_index: int) -> Callable[[list[dict[str, Any]]], Batch]:
@@ -158,10 +250,11 @@ def rank_loaders(
     collate = sft_collate(tokenizer.pad_id, ignore_index)
 
     def loader(
-        node: DictConfig, batch_size: int, *, train: bool, indexed: bool = False
+        key: str, batch_size: int, *, train: bool, indexed: bool = False
     ) -> StatefulDataLoader:
+        node = cfg[key]
         packed = isinstance(node, DictConfig) and bool(node.get("packed", False))
-        dataset = build_dataset(node, tokenizer)
+        dataset = build_dataset(node, tokenizer, key)
         # Packed rows are already max_seq_len long; the mask keeps documents apart.
         collate_fn = padded_collate_packed if packed else collate
         if indexed:
@@ -177,11 +270,11 @@ def rank_loaders(
             drop_last=train,
         )
 
-    train = loader(cfg.dataset, cfg.batch_size, train=True, indexed=True)
+    train = loader("dataset", cfg.batch_size, train=True, indexed=True)
     if cfg.validation_dataset is None:
         return train, None
     batch_size = cfg.validation_batch_size or cfg.batch_size
-    return train, loader(cfg.validation_dataset, batch_size, train=False)
+    return train, loader("validation_dataset", batch_size, train=False)
 
 
 def build_dataloader(
