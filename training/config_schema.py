@@ -183,8 +183,8 @@ class RecipeConfig:
         minimum=1,
     )
     scan_dataset: bool = key(
-        "before any weights load, tokenize every training sample once and report samples, "
-        "target tokens, truncated samples and samples with no target (false: skip the scan)",
+        "before any weights load, tokenize every training and validation sample once and report "
+        "samples, target tokens, truncated samples and samples with no target (false: skip)",
         True,
     )
     log_every_n_steps: int = key(
