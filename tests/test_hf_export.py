@@ -3,7 +3,9 @@
 ``step_N/model/`` must give the student's logits through ``AutoModelForCausalLM`` with peft
 installed (no adapter file may sit in it), ``step_N/adapter/`` the same logits through
 ``AutoPeftModelForCausalLM``; the Qwen2 adapter must not get Llama's RoPE permutation; files are
-0644; the training state sits beside ``model/``. The torchtune student is the reference.
+0644; the training state sits beside ``model/``. The torchtune student is the reference. A
+Qwen2 DoRA student has no PEFT equivalent (torchtune's DoRA scales the q/k/v biases): its
+``model/`` must still be exact and its ``adapter/`` must hold no PEFT files.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ def test_lora_student_exports_and_adapter_only_resume(kdtune_run, tiny_assets, t
         assert (student(tokens) - expected).abs().max() > 1e-2  # the adapters matter
 
     model_dir = step / MODEL_DIRNAME
+    assert transformers.utils.is_peft_available()  # it would apply an adapter_config.json here
     torch.testing.assert_close(hf_logits(model_dir, tokens), expected, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(peft_logits(adapter_dir, tokens), expected, atol=ATOL, rtol=RTOL)
     # save_adapter_weights_only: adapter/ alone; resumed from it, the same adapters as above.
@@ -338,3 +341,17 @@ def test_saved_adapter_gives_the_student_in_peft(family, use_dora, tiny_assets, 
         adapter_dir, base=base_dir, targets=LLAMA_TARGETS, r=4, lora_alpha=8, use_dora=use_dora
     )
     torch.testing.assert_close(peft_logits(adapter_dir, tokens), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_model_types_without_a_peft_mapping_are_refused_before_loading():
+    """Phi-3's fused projections have no one-to-one PEFT modules: refused at setup, naming the
+    key (student_start_state checks before reading any weights)."""
+    from types import SimpleNamespace
+
+    from torchtune.training.checkpointing._utils import ModelType
+
+    from kdtune.training.hf_export import check_peft_export
+
+    with pytest.raises(ValueError, match=r"checkpointer.model_type = PHI3_MINI"):
+        check_peft_export(SimpleNamespace(_model_type=ModelType.PHI3_MINI))
+    check_peft_export(SimpleNamespace(_model_type=ModelType.QWEN2))

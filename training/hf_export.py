@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -66,7 +67,8 @@ def write_model_folder(checkpointer: Any, state_dict: dict[str, Tensor], folder:
     torchtune 0.6.1's ``FullModelHFCheckpointer.save_checkpoint`` always writes to
     ``<its output_dir>/epoch_<epoch>``; a shallow copy pointed at a scratch folder next to
     ``folder`` reuses its conversion, shard layout (its weight map from ``load_checkpoint``) and
-    copy of the other checkpoint files, and the result is renamed to ``folder``.
+    copy of the other checkpoint files, and the result is renamed to ``folder``. Its info
+    messages (which name the scratch folder) are muted; the caller reports the final path.
     """
     if not hasattr(checkpointer, "_output_dir"):
         raise TypeError(
@@ -76,7 +78,13 @@ def write_model_folder(checkpointer: Any, state_dict: dict[str, Tensor], folder:
     scratch = folder.with_name(f".{folder.name}.writing")
     staged = copy.copy(checkpointer)
     staged._output_dir = scratch
-    staged.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=0)
+    torchtune_log = logging.getLogger("torchtune.utils._logging")
+    level = torchtune_log.level
+    torchtune_log.setLevel(logging.WARNING)
+    try:
+        staged.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=0)
+    finally:
+        torchtune_log.setLevel(level)
     os.replace(scratch / "epoch_0", folder)
     scratch.rmdir()
     make_readable(folder)
