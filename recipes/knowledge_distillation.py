@@ -116,7 +116,7 @@ class KDRecipe(FTRecipeInterface):
         """
         cfg = self._cfg
         runtime = self._runtime
-        resume_folder, resumed = ckpt.read_resume_state(
+        resume_folder, resumed, self._lineage = ckpt.read_resume_state(
             cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main
         )
         if resumed is not None:
@@ -209,7 +209,7 @@ class KDRecipe(FTRecipeInterface):
             activation_checkpointing=cfg.enable_activation_checkpointing,
             compile_layers=cfg.compile,
         )
-        load_weights(model, state, runtime)
+        load_weights(model, state, runtime, resume_folder or cfg.checkpointer.checkpoint_dir)
         del state
         training.validate_expected_param_dtype(
             ((n, p) for n, p in model.named_parameters() if p.requires_grad),
@@ -227,7 +227,7 @@ class KDRecipe(FTRecipeInterface):
             checkpointer = config.instantiate(cfg.teacher_checkpointer)
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         prepare_teacher_for_sharding(teacher, runtime, compile_layers=cfg.compile)
-        load_weights(teacher, state, runtime)
+        load_weights(teacher, state, runtime, cfg.teacher_checkpointer.checkpoint_dir)
         del state
         return finish_teacher(teacher, cfg.teacher_quantization)
 
@@ -457,8 +457,8 @@ class KDRecipe(FTRecipeInterface):
                 manifest={
                     "kdtune_version": __version__,
                     "final": final,
-                    "epoch": self.epoch,
-                    "steps_in_epoch": self.steps_in_epoch,
+                    **self._progress(),
+                    **self._lineage,  # run_id, parent
                     "total_steps": self._total_steps,
                     "student": "lora" if self._is_lora else "full",
                     "merged_weights": not adapter_only,

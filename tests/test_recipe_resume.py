@@ -196,15 +196,12 @@ def test_runs_never_mix_in_one_output_dir(kdtune_run, tiny_assets, tmp_path, mon
 
 
 def test_checkpoint_folder_appears_only_when_complete(tmp_path):
-    def weights_then_fail(staging: Path) -> Path:
-        folder = staging
-        (folder / "model.safetensors").write_bytes(b"x")
+    def weights_then_fail(step_folder: Path) -> None:
+        (step_folder / "model.safetensors").write_bytes(b"x")
         raise RuntimeError("killed")
 
-    def weights(staging: Path) -> Path:
-        folder = staging
-        (folder / "model.safetensors").write_bytes(b"x")
-        return folder
+    def weights(step_folder: Path) -> None:
+        (step_folder / "model.safetensors").write_bytes(b"x")
 
     first = save_checkpoint_folder(tmp_path, 1, weights, {"a": 1}, {"final": False})
     with pytest.raises(RuntimeError):

@@ -101,7 +101,8 @@ class RecipeConfig:
         "teacher checkpointer (_component_), or null for CE-only training"
     )
     resume_from_checkpoint: bool | str = key(
-        "false, true (latest complete checkpoint) or a checkpoint folder", False
+        "false, true (the newest checkpoint of the branch trained last; a corrupt one falls back to the one before) or a checkpoint folder",
+        False,
     )
     dataset: Components = key("training dataset (_component_, or a list of them)")
     validation_dataset: Component | None = key(
@@ -161,7 +162,9 @@ class RecipeConfig:
         "save a checkpoint every N optimizer steps (null: only at the end)", None, minimum=1
     )
     keep_last_n_checkpoints: int | None = key(
-        "delete older step checkpoints beyond N (null: keep all)", None, minimum=1
+        "keep the newest N checkpoints of the branch being trained (null: keep all)",
+        None,
+        minimum=1,
     )
     save_adapter_weights_only: bool = key(
         "LoRA/DoRA students: save only the adapter, not merged weights", False
@@ -202,7 +205,6 @@ class RecipeConfig:
         "rank) fails the run instead of hanging",
         60.0,
         above=0.0,
-        multi_process=True,
     )
     fsdp_cpu_offload: bool = key(
         "multi-process runs: keep parameter shards, gradients and optimizer state in CPU memory "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,16 +263,16 @@ class MetricsWriter:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (a resumed run redoes them). Atomic rewrite."""
+        """Drop records of steps after ``step`` (a resumed run redoes them), and a torn last
+        line (a kill while writing it). Atomic rewrite."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        kept = [line for line, record in _parse_lines(self.path) if record["step"] <= step]
         temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(f"{line}\n" for line in kept))
+        with temporary.open("w") as file:
+            file.write("".join(f"{line}\n" for line in kept))
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -283,10 +284,39 @@ class MetricsWriter:
             file.write(line + "\n")
 
 
+def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` of each non-empty line of a metrics file. A last line that is not
+    JSON (torn by a kill mid-write) is dropped with a warning.
+
+    Raises:
+        ValueError: an earlier line is not JSON (naming the file and the line number).
+    """
+    lines = path.read_text().splitlines()
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    parsed = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((line, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number < last:
+                raise ValueError(
+                    f"{path} line {number} is not JSON ({error}); only a torn last line is "
+                    "tolerated: delete or repair that line"
+                ) from error
+            warnings.warn(
+                f"{path}: dropping a torn last line (the run was stopped while writing it): "
+                f"{line[:80]!r}",
+                stacklevel=3,
+            )
+    return parsed
+
+
 def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of ``<output_dir>/metrics.jsonl`` (optionally only one kind)."""
-    path = Path(output_dir) / METRICS_FILENAME
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``<output_dir>/metrics.jsonl`` (optionally only one kind); a torn last
+    line is dropped with a warning."""
+    records = [record for _, record in _parse_lines(Path(output_dir) / METRICS_FILENAME)]
     return [r for r in records if kind is None or r["kind"] == kind]
 
 

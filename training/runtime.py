@@ -357,15 +357,53 @@ def _random_state_kept(device: torch.device) -> Iterator[None]:
         yield
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, Tensor] | None, runtime: Runtime) -> None:
+class NonFiniteWeightsError(ValueError):
+    """Weights to load hold NaN or inf; the message names the tensor and where it came from."""
+
+
+def non_finite_tensor(state_dict: dict[str, Any]) -> str | None:
+    """The first floating-point tensor of ``state_dict`` holding NaN or inf, described
+    (name, counts), or None. Reads every tensor once; no copy beyond one bool mask at a time."""
+    for name, value in state_dict.items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            continue
+        finite = torch.isfinite(value)
+        if bool(finite.all()):
+            continue
+        nans = int(torch.isnan(value).sum())
+        return (
+            f"tensor {name!r} {tuple(value.shape)} holds {nans} NaN and "
+            f"{value.numel() - int(finite.sum()) - nans} inf values"
+        )
+    return None
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: dict[str, Tensor] | None,
+    runtime: Runtime,
+    source: str | os.PathLike = "the checkpoint",
+) -> None:
     """Allocate a meta (possibly sharded) model and load a full state dict into it, strictly.
 
-    Only rank 0 passes ``state_dict`` (others None): it is broadcast, and every rank keeps its
-    shards, on ``runtime.parameter_device``.
+    Only rank 0 passes ``state_dict`` (others None): it is checked for NaN/inf, broadcast, and
+    every rank keeps its shards, on ``runtime.parameter_device``.
+
+    Args:
+        source: where the weights come from (a folder), for the error message.
 
     Raises:
+        NonFiniteWeightsError: a tensor holds NaN or inf (on every rank, before loading).
         ValueError: a key is missing or unexpected (on every rank).
     """
+    problem = non_finite_tensor(state_dict) if state_dict is not None else None
+    problem = process_group.broadcast_object(problem)
+    if problem is not None:
+        raise NonFiniteWeightsError(
+            f"{problem} in the weights loaded from {source}: refusing to train on them; load "
+            "weights saved before the values diverged (e.g. resume_from_checkpoint=<an earlier "
+            "step_N folder>) or fix the checkpoint"
+        )
     with _random_state_kept(runtime.device):
         state_dicts.load_full_state_dict(
             model,
