@@ -33,7 +33,7 @@ from kdtune.demo.metrics import (
 )
 from kdtune.demo.task import ChainTask, parse_record, sample_answer
 from kdtune.demo.tokenizer import WordTokens
-from kdtune.training.checkpointing import latest_checkpoint
+from kdtune.training.checkpointing import MODEL_DIRNAME, latest_checkpoint
 from kdtune.training.config_checks import describe_model
 from kdtune.training.generation import (
     SamplingOptions,
@@ -54,17 +54,26 @@ SAMPLE_PROMPTS = 500
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A folder with ``config.json`` and safetensors weights.
 
-    Accepts such a folder, or a recipe ``output_dir`` (its latest complete checkpoint).
+    Accepts such a folder, a recipe checkpoint ``step_N`` (its ``model/``), or a recipe
+    ``output_dir`` (the ``model/`` of its latest complete checkpoint).
     """
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
+    step = latest_checkpoint(path) or path
+    model = step / MODEL_DIRNAME
+    if (model / "config.json").is_file():
+        return model
+    if step is not path:  # an output_dir whose latest checkpoint has no model/
+        raise ValueError(
+            f"the latest checkpoint {step} holds no {MODEL_DIRNAME}/ folder (a run with "
+            "save_adapter_weights_only: true saves only adapter/): pass a checkpoint with "
+            "merged weights, or rerun with save_adapter_weights_only: false"
+        )
     raise ValueError(
-        f"checkpoint {str(path)!r} is neither a folder with config.json and *.safetensors nor a "
-        "recipe output_dir with checkpoints/step_N: pass one of those"
+        f"checkpoint {str(path)!r} is neither a folder with config.json and *.safetensors, a "
+        "checkpoint step_N folder nor a recipe output_dir with checkpoints/step_N: pass one of "
+        "those"
     )
 
 

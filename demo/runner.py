@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kdtune.cli.registry import load_config, resolve_config
-from kdtune.training.checkpointing import latest_checkpoint
+from kdtune.training.checkpointing import MODEL_DIRNAME, latest_checkpoint
 from kdtune.training.metrics import METRICS_FILENAME
 
 _TORCHTUNE_LOGGER = "torchtune.utils._logging"
@@ -58,7 +58,7 @@ def recipe_output_to(log_path: Path) -> Iterator[None]:
 @dataclass(frozen=True)
 class RunResult:
     output_dir: Path
-    checkpoint: Path  # the final checkpoint folder (HF weights + config.json)
+    checkpoint: Path  # the final checkpoint's model/ folder (HF weights + config.json)
     steps: int
     seconds: float
     final_loss: float
@@ -95,4 +95,6 @@ def run_recipe(cfg: DictConfig, *, fresh: bool, quiet: bool) -> RunResult:
     if checkpoint is None:
         raise RuntimeError(f"the run wrote no checkpoint under {output_dir}")
     train = read_metrics(output_dir)
-    return RunResult(output_dir, checkpoint, len(train), seconds, float(train[-1]["loss"]))
+    return RunResult(
+        output_dir, checkpoint / MODEL_DIRNAME, len(train), seconds, float(train[-1]["loss"])
+    )

@@ -18,7 +18,13 @@ from torchtune._cli.tune import main as tune_main
 from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.assets.models import lora_tiny_student, tiny_student
-from kdtune.training.checkpointing import TRAINING_STATE_FILENAME, latest_checkpoint, read_manifest
+from kdtune.training.checkpointing import (
+    ADAPTER_DIRNAME,
+    MODEL_DIRNAME,
+    TRAINING_STATE_FILENAME,
+    latest_checkpoint,
+    read_manifest,
+)
 from kdtune.training.metrics import TRAIN_FIELDS, VAL_FIELDS, read_metrics
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -66,9 +72,9 @@ def assert_loss_falls(records: list[dict]) -> None:
 
 def load_saved_student(folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """Weights of a saved checkpoint, read back by torchtune's FullModelHFCheckpointer."""
-    files = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    files = sorted(p.name for p in (folder / MODEL_DIRNAME).glob("model-*.safetensors"))
     reader = FullModelHFCheckpointer(
-        checkpoint_dir=str(folder),
+        checkpoint_dir=str(folder / MODEL_DIRNAME),
         checkpoint_files=files,
         model_type="LLAMA3",
         output_dir=str(tmp_path / "reader_out"),
@@ -111,7 +117,9 @@ def test_tune_run_full_student_chunked(tiny_assets, tmp_path, monkeypatch):
     assert folder is not None and folder.name == "step_0000008"
     manifest = read_manifest(folder)
     assert manifest["final"] is True and manifest["student"] == "full"
-    assert (folder / TRAINING_STATE_FILENAME).is_file() and (folder / "config.json").is_file()
+    assert (folder / TRAINING_STATE_FILENAME).is_file() and (
+        folder / MODEL_DIRNAME / "config.json"
+    ).is_file()
     saved = load_saved_student(folder, tmp_path)
     model = tiny_student(tiny_assets.vocab_size)
     model.load_state_dict(saved, strict=True)
@@ -132,10 +140,10 @@ def test_kdtune_run_lora_student_chunked(kdtune_run, adapter, tiny_assets, tmp_p
     folder = latest_checkpoint(output_dir)
     assert read_manifest(folder)["student"] == "lora"
     for name in ("adapter_model.pt", "adapter_model.safetensors", "adapter_config.json"):
-        assert (folder / name).is_file(), name
+        assert (folder / ADAPTER_DIRNAME / name).is_file(), name
 
     # The merged checkpoint computes what base + adapter compute.
-    adapter = torch.load(folder / "adapter_model.pt", weights_only=True)
+    adapter = torch.load(folder / ADAPTER_DIRNAME / "adapter_model.pt", weights_only=True)
     lora = lora_tiny_student(
         tiny_assets.vocab_size,
         lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
@@ -239,7 +247,9 @@ def test_training_features_bf16_checkpointing_accumulation_int8_teacher(
     kdtune_run("tiny/full_chunked", overrides)
     records = assert_training_records(output_dir, steps=3)
     assert all(r["grad_norm"] > 0 for r in records)
-    saved = load_file(latest_checkpoint(output_dir) / "model-00001-of-00001.safetensors")
+    saved = load_file(
+        latest_checkpoint(output_dir) / MODEL_DIRNAME / "model-00001-of-00001.safetensors"
+    )
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
 
 

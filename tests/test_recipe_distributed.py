@@ -31,7 +31,13 @@ from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.checkpointing import latest_checkpoint, load_training_state, read_manifest
+from kdtune.training.checkpointing import (
+    ADAPTER_DIRNAME,
+    MODEL_DIRNAME,
+    latest_checkpoint,
+    load_training_state,
+    read_manifest,
+)
 from kdtune.training.config_checks import ConfigError
 from kdtune.training.data import build_dataloader
 from kdtune.training.metrics import MEMORY_FIELDS, SETUP_FIELDS, TRAIN_FIELDS, read_metrics
@@ -143,8 +149,10 @@ def _setup_record(output_dir: Path) -> dict:
 def _hf_weights(folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint folder's weights as torchtune's FullModelHFCheckpointer reads them."""
     reader = FullModelHFCheckpointer(
-        checkpoint_dir=str(folder),
-        checkpoint_files=sorted(p.name for p in folder.glob("model-*.safetensors")),
+        checkpoint_dir=str(folder / MODEL_DIRNAME),
+        checkpoint_files=sorted(
+            p.name for p in (folder / MODEL_DIRNAME).glob("model-*.safetensors")
+        ),
         model_type="LLAMA3",
         output_dir=str(tmp_path / f"reader_{folder.parent.parent.name}"),
     )
@@ -231,8 +239,8 @@ def test_resumed_two_process_run_matches_the_uninterrupted_one(two_process):
     final_a, final_b = latest_checkpoint(straight), latest_checkpoint(resumed)
     assert final_a.name == final_b.name == f"step_{STEPS:07d}"
     assert read_manifest(final_b)["final"] is True
-    weights_a = load_file(next(final_a.glob("model-*.safetensors")))
-    weights_b = load_file(next(final_b.glob("model-*.safetensors")))
+    weights_a = load_file(next((final_a / MODEL_DIRNAME).glob("model-*.safetensors")))
+    weights_b = load_file(next((final_b / MODEL_DIRNAME).glob("model-*.safetensors")))
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
@@ -256,9 +264,11 @@ def test_two_process_checkpoint_loads_in_the_hf_checkpointer(
 def test_two_process_adapter_only_checkpoint(two_process, one_process):
     folder = latest_checkpoint(two_process / "lora_fused")
     assert read_manifest(folder)["merged_weights"] is False
-    assert not list(folder.glob("model-*.safetensors"))
-    ours = torch.load(folder / "adapter_model.pt", weights_only=True)
-    theirs = torch.load(latest_checkpoint(one_process / "lora_fused") / "adapter_model.pt")
+    assert not list((folder / MODEL_DIRNAME).glob("model-*.safetensors"))
+    ours = torch.load(folder / ADAPTER_DIRNAME / "adapter_model.pt", weights_only=True)
+    theirs = torch.load(
+        latest_checkpoint(one_process / "lora_fused") / ADAPTER_DIRNAME / "adapter_model.pt"
+    )
     assert ours.keys() == theirs.keys() and ours
     assert all("lora_" in key for key in ours)
     for key in theirs:
@@ -275,7 +285,7 @@ def test_single_device_recipe_starts_from_the_two_process_checkpoint(
     One step at learning rate 0 leaves the weights as loaded; the final validation then sees
     the 2-process run's last 32 validation samples.
     """
-    folder = latest_checkpoint(two_process / "full_chunked")
+    folder = latest_checkpoint(two_process / "full_chunked") / MODEL_DIRNAME
     overrides = [
         f"assets_dir={tiny_assets.root}",
         f"output_dir={tmp_path / 'out'}",

@@ -45,7 +45,7 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
     folder = latest_checkpoint(output_dir)
     out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in sorted(folder.glob("*/*.safetensors")):
         out.update(load_file(shard))
     return out
 

@@ -14,6 +14,7 @@ from kdtune.cli.main import main as kdtune_main
 from kdtune.recipes.knowledge_distillation import KDRecipe
 from kdtune.training import checkpointing
 from kdtune.training.checkpointing import (
+    ADAPTER_DIRNAME,
     complete_checkpoints,
     latest_checkpoint,
     read_manifest,
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 
 def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in sorted(folder.glob("*/*.safetensors")):
         weights.update({f"{shard.name}:{k}": v for k, v in load_file(shard).items()})
     return weights
 
@@ -76,7 +77,7 @@ def test_resume_mid_epoch_is_bitwise_exact(kdtune_run, student, tiny_assets, tmp
     assert_bitwise_equal(saved_weights(final_straight), saved_weights(final_resumed))
     if student == "lora":
         adapters = [
-            torch.load(f / "adapter_model.pt", weights_only=True)
+            torch.load(f / ADAPTER_DIRNAME / "adapter_model.pt", weights_only=True)
             for f in (final_straight, final_resumed)
         ]
         assert_bitwise_equal(*adapters)

@@ -67,7 +67,7 @@ def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
     folder = latest_checkpoint(output_dir)
     return {
         f"{shard.name}:{key}": value
-        for shard in sorted(folder.glob("*.safetensors"))
+        for shard in sorted(folder.glob("*/*.safetensors"))
         for key, value in load_file(shard).items()
     }
 

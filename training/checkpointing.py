@@ -3,9 +3,13 @@
 Layout under ``<output_dir>/checkpoints/``::
 
     step_0000008/
-        model-00001-of-00001.safetensors, model.safetensors.index.json   student (HF format)
-        config.json, ...                         other files of the student's checkpoint_dir
-        adapter_model.pt / .safetensors, adapter_config.json             LoRA/DoRA students
+        model/                 the student as a Hugging Face model folder (merged weights for
+                               LoRA/DoRA; absent with save_adapter_weights_only: true):
+            model-00001-of-00001.safetensors, model.safetensors.index.json
+            config.json, ...   other files of the student's checkpoint_dir (tokenizer, ...)
+        adapter/               LoRA/DoRA students: a PEFT adapter folder
+            adapter_model.safetensors, adapter_config.json    (PEFT keys, base = checkpoint_dir)
+            adapter_model.pt   the same adapters in torchtune's keys (what resume reads)
         training_state.pt      optimizer (keyed by parameter name), data-loader position,
                                every rank's RNG states, progress
         manifest.json          written last: a folder without it is incomplete. Lists every
@@ -30,14 +34,13 @@ checkpoint that fails cheap checks (manifest, file sizes, safetensors headers) o
 training state does not load is skipped for the previous one of its branch (its run's earlier
 saves, then its parent's), with a warning naming both; pruning keeps that branch. An
 explicit folder must pass the same checks; resuming from it warns about the later checkpoints
-it abandons. The weights are written by torchtune's ``FullModelHFCheckpointer`` (so
-``FullModelHFCheckpointer`` loads them back). In a multi-process run the caller gathers the
-full state on rank 0, which alone writes.
+it abandons. ``model/`` and ``adapter/`` are written by :mod:`kdtune.training.hf_export` (model
+weights by torchtune's ``FullModelHFCheckpointer``, which loads them back). In a multi-process
+run the caller gathers the full state on rank 0, which alone writes.
 """
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import math
@@ -59,7 +62,7 @@ from torch import Tensor, nn
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
-from kdtune.training import process_group
+from kdtune.training import hf_export, process_group
 from kdtune.training.runtime import adapter_parameter_names, student_state_dict
 
 log = utils.get_logger("INFO")
@@ -68,6 +71,7 @@ CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST_FILENAME = "manifest.json"
 TRAINING_STATE_FILENAME = "training_state.pt"
 ADAPTER_FILENAME = "adapter_model.pt"
+"""The adapters in torchtune's keys, in ``adapter/`` beside the PEFT files (resume reads it)."""
 MODEL_DIRNAME = "model"
 """Subfolder of a step checkpoint: the student as a Hugging Face model folder (issue 11 layout:
 ``step_N/{model/, adapter/, training_state.pt, manifest.json}``)."""
@@ -501,29 +505,37 @@ def _save_error(error: BaseException, root: Path, name: str) -> CheckpointSaveEr
 
 
 def write_hf_weights(
-    checkpointer: Any, state_dict: dict[str, Any], step_folder: Path, adapter_only: bool
+    checkpointer: Any, weights: dict[str, Any], step_folder: Path, adapter_only: bool
 ) -> None:
-    """Write weights with a torchtune HF checkpointer into ``step_folder``.
+    """Write ``model/`` and (LoRA/DoRA) ``adapter/`` inside ``step_folder``.
 
-    torchtune 0.6.1's ``FullModelHFCheckpointer.save_checkpoint`` always writes to
-    ``<its output_dir>/epoch_<epoch>``; a shallow copy pointed at the step folder reuses its
-    conversion and file layout (and its weight map from ``load_checkpoint``) without touching
-    the real output folder; its files are then moved up into ``step_folder``.
+    Args:
+        checkpointer: the student's ``FullModelHFCheckpointer`` (after ``load_checkpoint``).
+        weights: from :func:`weights_to_save`: ``training.MODEL_KEY`` (full or merged weights),
+            and for LoRA/DoRA ``training.ADAPTER_KEY`` and ``training.ADAPTER_CONFIG``.
+        adapter_only: ``save_adapter_weights_only``: no ``model/`` (``weights`` has no model).
     """
-    if not hasattr(checkpointer, "_output_dir"):
-        raise TypeError(
-            f"{type(checkpointer).__name__} has no _output_dir; the student checkpointer must be "
-            "torchtune.training.FullModelHFCheckpointer (torchtune 0.6.x)"
+    if (training.MODEL_KEY in weights) == adapter_only:
+        raise ValueError(
+            f"adapter_only = {adapter_only} but the weights to save "
+            f"{'hold' if adapter_only else 'lack'} the model's: build them with weights_to_save"
         )
-    staged = copy.copy(checkpointer)
-    staged._output_dir = step_folder
-    staged.save_checkpoint(
-        state_dict, epoch=0, intermediate_checkpoint=False, adapter_only=adapter_only
-    )
-    written = step_folder / "epoch_0"
-    for path in written.iterdir():
-        os.replace(path, step_folder / path.name)
-    written.rmdir()
+    if training.MODEL_KEY in weights:
+        hf_export.write_model_folder(
+            checkpointer, weights[training.MODEL_KEY], step_folder / MODEL_DIRNAME
+        )
+    if training.ADAPTER_KEY in weights:
+        adapter_dir = step_folder / ADAPTER_DIRNAME
+        adapter_dir.mkdir()
+        if weights[training.ADAPTER_CONFIG]["peft_exact"]:
+            hf_export.write_adapter_folder(
+                checkpointer,
+                weights[training.ADAPTER_KEY],
+                weights[training.ADAPTER_CONFIG],
+                adapter_dir,
+            )
+        torch.save(weights[training.ADAPTER_KEY], adapter_dir / ADAPTER_FILENAME)
+        hf_export.make_readable(adapter_dir)
 
 
 def save_checkpoint_folder(
@@ -544,7 +556,8 @@ def save_checkpoint_folder(
     Args:
         output_dir: the run's output folder.
         step: optimizer steps done (names the folder).
-        write_weights: writes the weights into the given (staging) step folder.
+        write_weights: writes ``model/`` and ``adapter/`` inside the given staging step folder
+            (see :func:`write_hf_weights`).
         training_state: saved as ``training_state.pt``.
         manifest: saved as ``manifest.json``, last; the caller's part holds ``run_id`` and
             ``parent`` (:func:`new_run_lineage`).
@@ -595,7 +608,8 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int | None) -> list[Pat
 
 
 def hf_weight_files(folder: Path) -> list[str]:
-    """The safetensors shards of a checkpoint folder, from its index file."""
+    """The safetensors shards of a Hugging Face model folder (a checkpoint's ``model/``), from
+    its index file."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     return sorted(set(index["weight_map"].values()))
 
@@ -724,19 +738,35 @@ def student_start_state(
     checkpoint's, plus fresh or saved adapters for a LoRA/DoRA student.
 
     The original checkpoint is always read: its weight map lays out the saved shards, and a
-    LoRA student's base weights come from it. A full student's saved weights are read by the
-    same HF checkpointer (``checkpointer_node``) pointed at ``resume_folder``.
+    LoRA student's base weights come from it (its saved adapters from ``adapter/``, so a run
+    with ``save_adapter_weights_only`` resumes too). A full student's saved weights are read by
+    the same HF checkpointer (``checkpointer_node``) pointed at the checkpoint's ``model/``.
+
+    Raises:
+        ValueError: a LoRA/DoRA student whose model type has no PEFT export (before any read).
     """
+    is_lora = bool(adapter_parameter_names(model))
+    if is_lora:
+        hf_export.check_peft_export(checkpointer)
+        if dora_scales_a_bias(model):
+            log.warning(
+                "DoRA adapters on layers with a bias: torchtune scales the bias with the DoRA "
+                "magnitude, PEFT does not, so checkpoints get no PEFT files in adapter/ (the "
+                "merged model/ folder is exact; save_adapter_weights_only keeps only "
+                f"adapter/{ADAPTER_FILENAME} for resuming)"
+            )
     base = checkpointer.load_checkpoint()[training.MODEL_KEY]
     adapters = None
     if resume_folder is not None:
-        if adapter_parameter_names(model):
-            adapters = torch.load(resume_folder / ADAPTER_FILENAME, weights_only=True)
+        if is_lora:
+            adapter_file = resume_folder / ADAPTER_DIRNAME / ADAPTER_FILENAME
+            adapters = torch.load(adapter_file, weights_only=True)
         else:
+            model_dir = resume_folder / MODEL_DIRNAME
             reader = config.instantiate(
                 checkpointer_node,
-                checkpoint_dir=str(resume_folder),
-                checkpoint_files=hf_weight_files(resume_folder),
+                checkpoint_dir=str(model_dir),
+                checkpoint_files=hf_weight_files(model_dir),
             )
             base = reader.load_checkpoint()[training.MODEL_KEY]
     return student_state_dict(model, base, adapters, seed=seed)
@@ -763,24 +793,59 @@ def lora_rank_and_alpha(model: nn.Module) -> tuple[int, float]:
     return pairs.pop()
 
 
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """Local names (``q_proj``, ``w1``, ``output`` ...) of the modules that carry adapters."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
+def lora_dropout(model: nn.Module) -> float:
+    """The (shared) dropout probability of a LoRA/DoRA model's adapters (0 without dropout)."""
+    probabilities = {
+        module.dropout.p if isinstance(module.dropout, nn.Dropout) else 0.0
+        for module in model.modules()
         if isinstance(getattr(module, "lora_a", None), nn.Linear)
     }
-    return sorted(names)
+    if len(probabilities) != 1:
+        raise ValueError(f"expected one LoRA dropout in the model, found {sorted(probabilities)}")
+    return probabilities.pop()
 
 
 def is_dora(model: nn.Module) -> bool:
     return any(hasattr(module, "initialize_dora_magnitude") for module in model.modules())
 
 
+def dora_scales_a_bias(model: nn.Module) -> bool:
+    """Whether a DoRA adapter sits on a layer with a bias (Qwen2's q/k/v).
+
+    torchtune's ``DoRALinear`` scales its whole base output, bias included, by
+    ``magnitude / norm``; PEFT's DoRA (as the paper) leaves the bias out, so no PEFT adapter
+    reproduces such a student.
+    """
+    return any(
+        hasattr(module, "initialize_dora_magnitude") and getattr(module, "use_bias", False)
+        for module in model.modules()
+    )
+
+
+def _dora_scaled_biases(state: dict[str, Tensor], rank: int, alpha: float) -> dict[str, Tensor]:
+    """The biases of DoRA layers as ``DoRALinear`` applies them: ``bias [out]`` times
+    ``magnitude [out] / ||W + (alpha / rank) B A||`` (row norms). torchtune's
+    ``get_merged_lora_ckpt`` scales the weight only, which changes such a student's outputs."""
+    scaled = {}
+    for key, magnitude in state.items():
+        module = key.removesuffix(".magnitude")
+        if module == key or f"{module}.bias" not in state:
+            continue
+        lora_a = state[f"{module}.lora_a.weight"]
+        lora_b = state[f"{module}.lora_b.weight"]
+        weight = state[f"{module}.weight"].to(lora_a.dtype) + (alpha / rank) * lora_b @ lora_a
+        bias = state[f"{module}.bias"]
+        scaled[f"{module}.bias"] = bias * (magnitude / torch.linalg.norm(weight, dim=1)).to(
+            bias.dtype
+        )
+    return scaled
+
+
 def weights_to_save(
     student: nn.Module, state: dict[str, Tensor], *, is_lora: bool, adapter_only: bool
 ) -> dict[str, Any]:
-    """The checkpointer's input: full weights, or adapter (+ merged) weights for LoRA/DoRA.
+    """What :func:`write_hf_weights` writes: full weights, or adapter (+ merged) weights and
+    the adapter settings for LoRA/DoRA.
 
     ``state`` is the gathered full state dict, or only the adapters when ``adapter_only``; it
     is merged in place (``get_merged_lora_ckpt``), so pass a dict no one else holds.
@@ -793,13 +858,15 @@ def weights_to_save(
         training.ADAPTER_CONFIG: {
             "r": rank,
             "lora_alpha": alpha,
-            "target_modules": lora_target_modules(student),
-            "peft_type": "LORA",
+            "lora_dropout": lora_dropout(student),
             "use_dora": is_dora(student),
+            "peft_exact": not dora_scales_a_bias(student),
         },
     }
     if not adapter_only:
-        weights[training.MODEL_KEY] = get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
+        biases = _dora_scaled_biases(state, rank, alpha)
+        merged = get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
+        weights[training.MODEL_KEY] = {**merged, **biases}
     return weights
 
 
@@ -814,8 +881,8 @@ def save_step_checkpoint(
     manifest: dict[str, Any],
     keep_last: int | None,
 ) -> Path:
-    """Write ``checkpoints/step_<step>/`` atomically (weights by the HF ``checkpointer``), then
-    prune to the newest ``keep_last``. Rank 0 only."""
+    """Write ``checkpoints/step_<step>/`` atomically (``model/`` and ``adapter/`` by
+    :func:`write_hf_weights`), then prune to the newest ``keep_last``. Rank 0 only."""
     folder = save_checkpoint_folder(
         output_dir,
         step,
