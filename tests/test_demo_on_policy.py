@@ -29,15 +29,9 @@ from kdtune.demo.workspace import prepare_workspace
 from kdtune.training.config_checks import check_config
 from kdtune.training.on_policy import on_policy_settings
 
+pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
+
 SHORT = ["epochs=1", "max_steps_per_epoch=2", "validation_dataset=null"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
