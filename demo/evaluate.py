@@ -33,7 +33,7 @@ from kdtune.demo.metrics import (
 )
 from kdtune.demo.task import ChainTask, parse_record, sample_answer
 from kdtune.demo.tokenizer import WordTokens
-from kdtune.training.checkpointing import latest_checkpoint
+from kdtune.training.checkpointing import MODEL_DIRNAME, latest_checkpoint
 from kdtune.training.config_checks import describe_model
 from kdtune.training.generation import (
     SamplingOptions,
@@ -54,14 +54,16 @@ SAMPLE_PROMPTS = 500
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A folder with ``config.json`` and safetensors weights.
 
-    Accepts such a folder, or a recipe ``output_dir`` (its latest complete checkpoint).
+    Accepts such a folder, a step checkpoint that keeps them in its ``model/`` subfolder, or a
+    recipe ``output_dir`` (its latest complete checkpoint).
     """
     path = Path(path)
-    if (path / "config.json").is_file():
-        return path
+    for folder in (path, path / MODEL_DIRNAME):
+        if (folder / "config.json").is_file():
+            return folder
     latest = latest_checkpoint(path)
     if latest is not None:
-        return latest
+        return resolve_checkpoint_dir(latest)
     raise ValueError(
         f"checkpoint {str(path)!r} is neither a folder with config.json and *.safetensors nor a "
         "recipe output_dir with checkpoints/step_N: pass one of those"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdtune.assets.checkpoints import write_text_atomic
-from kdtune.demo.evaluate import evaluate_checkpoints, weight_files
+from kdtune.demo.evaluate import evaluate_checkpoints, resolve_checkpoint_dir, weight_files
 from kdtune.demo.runner import RunResult, demo_config, recipe_output_to, run_recipe
 from kdtune.demo.table import json_safe, markdown_mean_table, markdown_table, wins
 from kdtune.demo.workspace import DEFAULT_SPEC, Workspace, prepare_workspace, read_teacher_manifest
@@ -245,8 +245,9 @@ def start_overrides(ws: Workspace, seed: int, start: Path | None) -> list[str]:
     """The student's initial weights: the seed's random init, or a run's final checkpoint."""
     if start is None:
         return [f"checkpointer.checkpoint_dir={ws.student_init_dir(seed)}"]
-    files = ", ".join(path.name for path in weight_files(start))
-    return [f"checkpointer.checkpoint_dir={start}", f"checkpointer.checkpoint_files=[{files}]"]
+    folder = resolve_checkpoint_dir(start)
+    files = ", ".join(path.name for path in weight_files(folder))
+    return [f"checkpointer.checkpoint_dir={folder}", f"checkpointer.checkpoint_files=[{files}]"]
 
 
 def run_overrides(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdtune.demo.evaluate import weight_files
+from kdtune.demo.evaluate import resolve_checkpoint_dir, weight_files
 from kdtune.demo.pipeline import (
     CONTROL_VARIANTS,
     DISTIL_EPOCHS,
@@ -42,7 +42,7 @@ def demo_ws(tmp_path_factory):
 
 def _weights(folder) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
+    for path in weight_files(resolve_checkpoint_dir(folder)):
         out.update(load_file(str(path)))
     return out
 
