@@ -77,7 +77,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     )
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint folder (adapter files left out)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -92,7 +93,7 @@ def load_hf_weights(folder: Path) -> dict[str, Tensor]:
     """A Llama-family HF checkpoint folder as a torchtune-format state dict (its own dtype)."""
     hf_config = json.loads((folder / "config.json").read_text())
     state: dict[str, Tensor] = {}
-    for file in _weight_files(folder):
+    for file in weight_files(folder):
         state.update(load_file(str(file)))
     num_heads = hf_config["num_attention_heads"]
     return hf_to_tune(

@@ -5,8 +5,11 @@ answers, the same steps and data order, once with CE alone (``demo/student_ce``)
 divergence with knowledge distillation from the shipped teacher (``demo/student_kd`` with a
 ``kd_loss._component_`` override), and once per k in (2, 4, 8) with forward KL from a cache of
 the teacher's top-k log-probs (``teacher_cache=...``; built once by ``kdtune cache-teacher``'s
-code, no teacher in memory while training). Then every model is scored on 1,000 held-out
-answers against the data, the teacher and the true chain (:mod:`kdtune.demo.evaluate`).
+code, no teacher in memory while training). On-policy KD (reverse KL; the student writes every
+answer) and mixed KD (half the steps on-policy) get the same 160 steps: as GKD does, they
+distil a student fine-tuned on the task (80 CE-only steps), for 80 steps. Every model is scored
+on 1,000 held-out answers against the data, the teacher and the true chain, and on its own
+sampled answers (:mod:`kdtune.demo.evaluate`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdtune.assets.checkpoints import write_text_atomic
-from kdtune.demo.evaluate import evaluate_checkpoints
+from kdtune.demo.evaluate import evaluate_checkpoints, resolve_checkpoint_dir, weight_files
 from kdtune.demo.runner import RunResult, demo_config, recipe_output_to, run_recipe
 from kdtune.demo.table import json_safe, markdown_mean_table, markdown_table, wins
 from kdtune.demo.workspace import DEFAULT_SPEC, Workspace, prepare_workspace, read_teacher_manifest
@@ -34,6 +37,10 @@ class Variant:
     label: str
     config: str
     overrides: tuple[str, ...]
+    start: str | None = None
+    """Name of the variant whose final checkpoint this run starts from (None: random init)."""
+    compare_to: tuple[str, ...] = ()
+    """On-policy rows: the off-policy rows they are measured against (same steps, prompts)."""
 
 
 _LOSSES = "kdtune.losses"
@@ -69,26 +76,69 @@ KD_VARIANTS: tuple[Variant, ...] = (
 # steps' prompts and the teacher grades every sampled token; the dataset answers are unused on
 # those steps. Same steps, data order (prompts) and optimizer as the off-policy rows.
 ON_POLICY_MAX_NEW_TOKENS = 16
-ON_POLICY_VARIANTS: tuple[Variant, ...] = (
+_FKL = f"kd_loss._component_={_LOSSES}.ForwardKLWithChunkedOutputLoss"
+_RKL = f"kd_loss._component_={_LOSSES}.ReverseKLWithChunkedOutputLoss"
+_EVERY_STEP = f"on_policy={{fraction: 1.0, max_new_tokens: {ON_POLICY_MAX_NEW_TOKENS}}}"
+_HALF_THE_STEPS = f"on_policy={{fraction: 0.5, max_new_tokens: {ON_POLICY_MAX_NEW_TOKENS}}}"
+
+# GKD (Agarwal et al. 2024) distils on-policy from a student already fine-tuned on the task.
+# The on-policy rows keep the off-policy rows' budget of 160 steps over the same prompts and
+# data order: the first half is CE-only fine-tuning on the answers (SFT_START), the second half
+# distils without reading an answer (on-policy) or with half of its steps on-policy (mixed).
+# They are measured against off-policy forward KL (KD_FORWARD: 160 KD steps from the random
+# student). `--on-policy-controls` adds off-policy forward KL from the same 80-step start and
+# both rows from the random student (no SFT half).
+SFT_EPOCHS = 10  # + DISTIL_EPOCHS = the 20 epochs (160 steps) of demo/student_ce and student_kd
+DISTIL_EPOCHS = 10
+SFT_START = Variant(
+    "ce_only_half",
+    "student, CE-only fine-tuning, first 80 steps (start of the next rows)",
+    CE_CONFIG,
+    (f"epochs={SFT_EPOCHS}",),
+)
+_DISTIL_HALF = f"epochs={DISTIL_EPOCHS}"
+SFT_ON_POLICY_VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "sft_on_policy_rkl",
+        "student, 80 CE steps + 80 on-policy KD reverse KL (lambda 1)",
+        KD_CONFIG,
+        (_RKL, _EVERY_STEP, _DISTIL_HALF),
+        start=SFT_START.name,
+        compare_to=(KD_FORWARD.name, "sft_kd_forward_kl"),
+    ),
+    Variant(
+        "sft_mixed_fkl",
+        "student, 80 CE steps + 80 mixed KD forward KL (lambda 0.5)",
+        KD_CONFIG,
+        (_FKL, _HALF_THE_STEPS, _DISTIL_HALF),
+        start=SFT_START.name,
+        compare_to=(KD_FORWARD.name, "sft_kd_forward_kl"),
+    ),
+)
+CONTROL_VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "sft_kd_forward_kl",
+        "student, 80 CE steps + 80 off-policy KD forward KL (control)",
+        KD_CONFIG,
+        (_FKL, _DISTIL_HALF),
+        start=SFT_START.name,
+    ),
     Variant(
         "kd_on_policy_rkl",
-        "student, on-policy KD reverse KL (lambda 1)",
+        "student, on-policy KD reverse KL (lambda 1) from random init (control)",
         KD_CONFIG,
-        (
-            f"kd_loss._component_={_LOSSES}.ReverseKLWithChunkedOutputLoss",
-            f"on_policy={{fraction: 1.0, max_new_tokens: {ON_POLICY_MAX_NEW_TOKENS}}}",
-        ),
+        (_RKL, _EVERY_STEP),
+        compare_to=(KD_FORWARD.name,),
     ),
     Variant(
         "kd_mixed_fkl",
-        "student, mixed KD forward KL (lambda 0.5)",
+        "student, mixed KD forward KL (lambda 0.5) from random init (control)",
         KD_CONFIG,
-        (
-            f"kd_loss._component_={_LOSSES}.ForwardKLWithChunkedOutputLoss",
-            f"on_policy={{fraction: 0.5, max_new_tokens: {ON_POLICY_MAX_NEW_TOKENS}}}",
-        ),
+        (_FKL, _HALF_THE_STEPS),
+        compare_to=(KD_FORWARD.name,),
     ),
 )
+ON_POLICY_VARIANTS = (SFT_START, *SFT_ON_POLICY_VARIANTS, *CONTROL_VARIANTS)
 
 CACHED_TOP_K = (2, 4, 8)
 CACHE_FOLDER = "teacher_cache"
@@ -105,38 +155,58 @@ def cached_variant(k: int) -> Variant:
 
 
 CACHED_VARIANTS: tuple[Variant, ...] = tuple(cached_variant(k) for k in CACHED_TOP_K)
+VARIANTS_BY_NAME: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        CE_ONLY,
+        KD_FORWARD,
+        *CACHED_VARIANTS,
+        *KD_VARIANTS,
+        *ON_POLICY_VARIANTS,
+    )
+}
 
 LABELS: dict[str, str] = {
     "before": "student, before training",
-    **{
-        v.name: v.label
-        for v in (CE_ONLY, KD_FORWARD, *CACHED_VARIANTS, *KD_VARIANTS, *ON_POLICY_VARIANTS)
-    },
+    **{name: v.label for name, v in VARIANTS_BY_NAME.items()},
     "teacher": "teacher (shipped)",
     "truth": "true distribution (floor)",
 }
 
 
-def variants(quick: bool, cached: bool = True, on_policy: bool = False) -> list[Variant]:
-    """CE-only and forward-KL KD always; unless ``quick``, KD from the cached top-k (if
-    ``cached``) and the other divergences; the on-policy rows if ``on_policy``."""
-    extra = list(ON_POLICY_VARIANTS) if on_policy else []
-    if quick:
-        return [CE_ONLY, KD_FORWARD, *extra]
-    return [CE_ONLY, KD_FORWARD, *(CACHED_VARIANTS if cached else ()), *KD_VARIANTS, *extra]
+def variants(
+    quick: bool, cached: bool = True, on_policy: bool = True, controls: bool = False
+) -> list[Variant]:
+    """The runs of one seed, in order (a run's ``start`` comes before it).
+
+    CE-only and forward-KL KD always; unless ``quick``: KD from the cached top-k (if
+    ``cached``) and the other divergences; the on-policy and mixed rows (with their 80-step
+    CE-only start) if ``on_policy`` and not ``quick``, or if ``controls``, which adds their
+    control runs (:data:`CONTROL_VARIANTS`).
+    """
+    plan = [CE_ONLY, KD_FORWARD]
+    if not quick:
+        plan += [*(CACHED_VARIANTS if cached else ()), *KD_VARIANTS]
+    if (on_policy and not quick) or controls:
+        plan += [SFT_START, *SFT_ON_POLICY_VARIANTS]
+    if controls:
+        plan += CONTROL_VARIANTS
+    return plan
 
 
-def on_policy_vs_off_policy(per_seed: list[dict[str, dict]]) -> dict[str, int]:
-    """Per on-policy row: in how many seeds it beats off-policy forward-KL KD on both
-    sample-based metrics (higher true LL per token, lower sequence reverse KL)."""
+def on_policy_vs_off_policy(per_seed: list[dict[str, dict]]) -> dict[tuple[str, str], int]:
+    """Per (on-policy row, off-policy row it is compared with): in how many seeds the first
+    beats the second on both sample-based metrics (higher true log-likelihood per token, lower
+    sequence reverse KL). Pairs whose rows did not run are left out."""
+    pairs = [(v.name, other) for v in ON_POLICY_VARIANTS for other in v.compare_to]
     return {
-        v.name: sum(
-            rows[v.name]["sample_true_ll"] > rows[KD_FORWARD.name]["sample_true_ll"]
-            and rows[v.name]["sample_reverse_kl"] < rows[KD_FORWARD.name]["sample_reverse_kl"]
+        (name, other): sum(
+            rows[name]["sample_true_ll"] > rows[other]["sample_true_ll"]
+            and rows[name]["sample_reverse_kl"] < rows[other]["sample_reverse_kl"]
             for rows in per_seed
         )
-        for v in ON_POLICY_VARIANTS
-        if v.name in per_seed[0]
+        for name, other in pairs
+        if name in per_seed[0] and other in per_seed[0]
     }
 
 
@@ -171,21 +241,45 @@ def cached_vs_online(per_seed: list[dict[str, dict]]) -> dict[int, list[float]]:
     }
 
 
-def run_overrides(ws: Workspace, seed: int, variant: Variant, extra: list[str]) -> list[str]:
-    """Where the run reads and writes for ``seed``, the variant's overrides, then the user's."""
+def start_overrides(ws: Workspace, seed: int, start: Path | None) -> list[str]:
+    """The student's initial weights: the seed's random init, or a run's final checkpoint."""
+    if start is None:
+        return [f"checkpointer.checkpoint_dir={ws.student_init_dir(seed)}"]
+    folder = resolve_checkpoint_dir(start)
+    files = ", ".join(path.name for path in weight_files(folder))
+    return [f"checkpointer.checkpoint_dir={folder}", f"checkpointer.checkpoint_files=[{files}]"]
+
+
+def run_overrides(
+    ws: Workspace, seed: int, variant: Variant, extra: list[str], start: Path | None = None
+) -> list[str]:
+    """Where the run reads and writes for ``seed``, the variant's overrides, then the user's.
+
+    ``start``: the checkpoint folder of the run the variant starts from (``variant.start``).
+    """
     return [
         f"assets_dir={ws.root}",
         f"output_dir={ws.run_dir(seed, variant.name)}",
         f"seed={seed}",
-        f"checkpointer.checkpoint_dir={ws.student_init_dir(seed)}",
+        *start_overrides(ws, seed, start),
         *variant.overrides,
         *extra,
     ]
 
 
-def train_variant(ws: Workspace, seed: int, variant: Variant, extra: list[str]) -> RunResult:
-    cfg = demo_config(variant.config, run_overrides(ws, seed, variant, extra))
+def train_variant(
+    ws: Workspace, seed: int, variant: Variant, extra: list[str], start: Path | None = None
+) -> RunResult:
+    cfg = demo_config(variant.config, run_overrides(ws, seed, variant, extra, start))
     return run_recipe(cfg, fresh=True, quiet=True)
+
+
+def _start_of(variant: Variant, runs: dict[str, RunResult]) -> Path | None:
+    if variant.start is None:
+        return None
+    if variant.start not in runs:
+        raise ValueError(f"{variant.name} starts from {variant.start}, which has not run yet")
+    return runs[variant.start].checkpoint
 
 
 def evaluate_seed(
@@ -210,7 +304,8 @@ def run_demo(
     extra: list[str],
     setup_only: bool,
     cached: bool = True,
-    on_policy: bool = False,
+    on_policy: bool = True,
+    controls: bool = False,
 ) -> dict:
     """Set up, train and evaluate; print progress and the table; write results.{json,md}."""
     started = time.perf_counter()
@@ -225,7 +320,7 @@ def run_demo(
     )
     if setup_only:
         return {}
-    plan = variants(quick, cached, on_policy)
+    plan = variants(quick, cached, on_policy, controls)
     build_teacher_caches(ws, plan, extra)
     per_seed: list[dict[str, dict]] = []
     timings: dict[str, float] = {}
@@ -233,7 +328,7 @@ def run_demo(
         runs: dict[str, RunResult] = {}
         for i, variant in enumerate(plan, start=1):
             _say(f"[seed {seed}] {i}/{len(plan)} training {variant.label} ...")
-            run = train_variant(ws, seed, variant, extra)
+            run = train_variant(ws, seed, variant, extra, _start_of(variant, runs))
             runs[variant.name] = run
             timings[f"seed{seed}/{variant.name}"] = run.seconds
             _say(
@@ -273,10 +368,10 @@ def run_demo(
             f"(within 5% in {within}/{len(values)} seed(s))."
         )
     beats = on_policy_vs_off_policy(per_seed)
-    for name, count in beats.items():
+    for (name, other), count in beats.items():
         verdict += (
-            f"\n{LABELS[name]} beats off-policy KD forward KL on both sample-based metrics in "
-            f"{count}/{len(seeds)} seed(s)."
+            f"\n{LABELS[name]} beats {LABELS[other]} on both sample-based metrics (true "
+            f"LL/token, seq. reverse KL) in {count}/{len(seeds)} seed(s)."
         )
     _say(f"\n{title}\n\n{table}\n\n{verdict}")
     _say(f"Done in {elapsed:.0f} s. Per-seed tables: {ws.root / 'results.md'}")
@@ -292,7 +387,10 @@ def run_demo(
         "per_seed": per_seed,
         "kd_forward_beats_ce_seeds": kd_wins,
         "cached_true_kl_over_online": ratios,
-        "on_policy_beats_off_policy_seeds": beats,
+        "on_policy_beats_off_policy_seeds": [
+            {"on_policy": name, "off_policy": other, "seeds": count}
+            for (name, other), count in beats.items()
+        ],
         "seconds": elapsed,
         "train_seconds": timings,
     }

@@ -14,6 +14,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("top1", "top-1 acc ↑"),
     ("sample_true_ll", "own samples: true LL/token ↑"),
     ("sample_reverse_kl", "own samples: seq. reverse KL ↓"),
+    ("sample_valid", "own samples: valid ↑"),
 )
 
 Rows = dict[str, dict[str, float]]

@@ -27,6 +27,7 @@ from kdtune.training.config_checks import (
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REAL_SIZE_NAMES = (
     "llama3_2/8B_to_1B_lora",
+    "llama3_2/8B_to_1B_on_policy_lora",
     "llama3_2/8B_to_1B_full",
     "llama3_2/3B_to_1B_full",
     "qwen2_5/7B_to_1_5B_lora",
