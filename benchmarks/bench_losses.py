@@ -122,11 +122,14 @@ def run_interleaved_worker(spec: dict) -> dict:
 
     On a shared machine the load drifts over minutes; alternating the variants exposes each to
     the same drift, so their time ratios are more trustworthy than those of separate processes.
+    ``warmup`` untimed rounds come first; wall and process CPU time are both recorded.
     No memory is measured here (the variants' allocations would mix).
     """
     import torch
     from variants import STEPS, make_inputs
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     inputs = make_inputs(
         spec["seq"],
         spec["vocab"],
@@ -137,13 +140,27 @@ def run_interleaved_worker(spec: dict) -> dict:
     )
     steps = {variant: STEPS[variant](inputs, spec["rows"]) for variant in spec["variants"]}
     times: dict[str, list[float]] = {variant: [] for variant in steps}
+    cpu: dict[str, list[float]] = {variant: [] for variant in steps}
+    for _ in range(spec.get("warmup", 0)):  # first touch of every buffer: not timed
+        for step in steps.values():
+            step()
+            inputs.clear_grads()
     for _ in range(spec["rounds"]):
         for variant, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             times[variant].append(time.perf_counter() - start)
+            cpu[variant].append(time.process_time() - start_cpu)
             inputs.clear_grads()
-    return {variant: {"time_s": statistics.median(t), "times_s": t} for variant, t in times.items()}
+    return {
+        variant: {
+            "time_s": statistics.median(t),
+            "times_s": t,
+            "cpu_s": statistics.median(cpu[variant]),
+            "cpus_s": cpu[variant],
+        }
+        for variant, t in times.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +291,9 @@ def run_interleaved(args: argparse.Namespace) -> None:
         "teacher_hidden": args.teacher_hidden,
         "rows": args.chunk_size,
         "rounds": args.interleave,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
     }
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, str(Path(__file__).resolve()), "--interleaved-worker"]
@@ -283,18 +303,22 @@ def run_interleaved(args: argparse.Namespace) -> None:
     if done.returncode != 0:
         raise SystemExit(done.stderr)
     times = json.loads(done.stdout.strip().splitlines()[-1])
-    reference = times.get("torchtune_chunked", {}).get("time_s")
-    floor = times.get("floor", {}).get("time_s")
+    spec["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
     lines = [
-        f"interleaved timing, S={spec['seq']} {spec['dtype']} "
-        f"{args.weight[0]}, {args.interleave} rounds (median s)"
+        f"interleaved timing, S={spec['seq']} {spec['dtype']} {args.weight[0]}, "
+        f"{args.interleave} rounds (median s), threads {args.threads or 'default'}, "
+        f"load {' '.join(spec['loadavg_before'])} -> {' '.join(spec['loadavg_after'])}"
     ]
-    for variant, result in times.items():
-        to_tt = f"{result['time_s'] / reference:.2f}" if reference else "-"
-        to_floor = f"{result['time_s'] / floor:.2f}" if floor else "-"
-        lines.append(
-            f"{variant:>18} {result['time_s']:8.1f}  time/tt {to_tt:>5}  time/floor {to_floor:>5}"
-        )
+    for metric, label in (("time_s", "wall"), ("cpu_s", "cpu")):
+        reference = times.get("torchtune_chunked", {}).get(metric)
+        floor = times.get("floor", {}).get(metric)
+        liger = times.get("liger", {}).get(metric)
+        for variant, result in times.items():
+            ratios = [
+                f"{name} {result[metric] / base:5.2f}" if base else f"{name}     -"
+                for name, base in (("/tt", reference), ("/floor", floor), ("/liger", liger))
+            ]
+            lines.append(f"{label:>4} {variant:>18} {result[metric]:8.2f}  " + "  ".join(ratios))
     print("\n".join(lines))
     if args.out:
         with args.out.with_suffix(".txt").open("a") as f:
@@ -339,6 +363,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="rows per fused chunk (and floor); 0: the fused loss's default (memory budget)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads in the interleaved worker (0: torch's default). With 1, the process "
+        "CPU time (the 'cpu' rows) is the work done, little affected by other load",
     )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)

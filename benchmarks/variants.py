@@ -14,6 +14,9 @@ hidden states and weight, and labels. Each builds its logits (or not) its own wa
   from one engine call (``kd_and_ce``, as the recipe's chunked step does).
 - ``kdtune_fused``: :class:`kdtune.losses.fused.FusedLinearKDLoss` on the hidden states, with
   its default chunking (rows from the memory budget) unless ``--chunk-size`` is given.
+- ``kdtune_fused_lowp``: the same with ``weight_grad_accumulation="input_dtype"`` (a bf16
+  weight's gradient summed in bf16 over the chunks, as Liger and the floor do; same as
+  ``kdtune_fused`` for fp32).
 - ``kdtune_topk``: the fused loss with a cached sparse teacher (``TopKTeacher``, k = 128, built
   once before timing): no teacher matmul in the step, k student columns gathered per chunk.
 - ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0,
@@ -39,6 +42,7 @@ VARIANTS = (
     "torchtune_chunked",
     "kdtune_chunked",
     "kdtune_fused",
+    "kdtune_fused_lowp",
     "kdtune_topk",
     "liger",
     "floor",
@@ -160,11 +164,15 @@ def kdtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     return step
 
 
-def _fused_step(inputs: Inputs, rows: int, **teacher: object) -> Callable[[], Tensor]:
+def _fused_step(
+    inputs: Inputs, rows: int, accumulation: str = "fp32", **teacher: object
+) -> Callable[[], Tensor]:
     """``FusedLinearKDLoss`` (forward KL + CE), default chunking unless ``rows``."""
     from kdtune.losses.fused import FusedLinearKDLoss
 
-    loss_fn = FusedLinearKDLoss("forward_kl", chunk_size=rows or None)
+    loss_fn = FusedLinearKDLoss(
+        "forward_kl", chunk_size=rows or None, weight_grad_accumulation=accumulation
+    )
 
     def step() -> Tensor:
         out = loss_fn(
@@ -184,6 +192,12 @@ def kdtune_fused_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     """``FusedLinearKDLoss`` with its defaults (rows from the memory budget) unless ``rows``."""
     teacher = {"teacher_hidden": inputs.teacher_hidden, "teacher_weight": inputs.teacher_weight}
     return _fused_step(inputs, rows, **teacher)
+
+
+def kdtune_fused_lowp_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
+    """As ``kdtune_fused``, the weight gradient summed in the weight's dtype."""
+    teacher = {"teacher_hidden": inputs.teacher_hidden, "teacher_weight": inputs.teacher_weight}
+    return _fused_step(inputs, rows, "input_dtype", **teacher)
 
 
 TOPK = 128
@@ -264,6 +278,7 @@ STEPS: dict[str, Callable[[Inputs, int], Callable[[], Tensor]]] = {
     "torchtune_chunked": torchtune_chunked_step,
     "kdtune_chunked": kdtune_chunked_step,
     "kdtune_fused": kdtune_fused_step,
+    "kdtune_fused_lowp": kdtune_fused_lowp_step,
     "kdtune_topk": kdtune_topk_step,
     "liger": liger_step,
     "floor": floor_step,

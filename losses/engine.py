@@ -42,6 +42,7 @@ from kdtune.losses._math import (
     TOPK_MODES,
     ChunkMath,
     TopKTeacher,
+    Workspace,
     chunk_objective,
 )
 from kdtune.losses._options import check_common_options, check_kd_options, check_num_tokens
@@ -109,15 +110,19 @@ class LogitChunks:
     def start(self, needs: Sequence[bool]) -> None:
         self._grads = [None] * len(self.chunks)
 
-    def logits(self, i: int) -> Tensor:
+    def logits(self, i: int, ws: Workspace | None = None) -> Tensor:
         flat = self.flat[i]
         return flat if self.columns in (None, flat.shape[-1]) else flat[:, : self.columns]
 
-    def add_grad(self, i: int, grad: Tensor) -> None:
+    def add_grad(self, i: int, grad: Tensor, ws: Workspace | None = None) -> None:
         chunk = self.chunks[i]
         if grad.shape[-1] != chunk.shape[-1]:
             grad = torch.nn.functional.pad(grad, (0, chunk.shape[-1] - grad.shape[-1]))
         self._grads[i] = grad.to(chunk.dtype).view(chunk.shape)
+
+    def held(self, i: int) -> tuple[Tensor | None, ...]:
+        """Tensors of chunk ``i`` this source keeps (they may share a workspace buffer)."""
+        return (self._grads[i],)
 
     def grads(self) -> tuple[Tensor | None, ...]:
         return tuple(self._grads)
@@ -141,42 +146,62 @@ def _supports_fp32_out_dtype(tensor: Tensor) -> bool:
     return _OUT_DTYPE_SUPPORT[key]
 
 
-def project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _matmul(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    """``hidden @ weight.T (+ bias)`` in the input dtype, into ``out`` when given."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def project(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, ws: Workspace | None = None
+) -> Tensor:
     """``hidden [n, D] @ weight[V, D].T + bias`` as fp32 (fp64) ``[n, V]`` logits.
 
     16-bit inputs: a matmul with fp32 output where the backend has it (CUDA), else a matmul in
-    the input dtype then an upcast, which is what a bf16 model head computes.
+    the input dtype then an upcast, which is what a bf16 model head computes. ``ws``: the
+    buffers come from this workspace.
     """
+    shape = (hidden.shape[0], weight.shape[0])
+    take = (lambda dtype: ws.take(shape, dtype, hidden.device)) if ws is not None else None
     if hidden.dtype in (torch.float32, torch.float64):
-        return (
-            torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
-        )
+        return _matmul(hidden, weight, bias, take(hidden.dtype) if take else None)
     if _supports_fp32_out_dtype(hidden):
         logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
         return logits if bias is None else logits.add_(bias)
-    if bias is None:
-        return torch.mm(hidden, weight.t()).float()
-    return torch.addmm(bias, hidden, weight.t()).float()
+    low = _matmul(hidden, weight, bias, take(hidden.dtype) if take else None)
+    if take is None:
+        return low.float()
+    logits = take(torch.float32).copy_(low)
+    ws.give(low)
+    return logits
 
 
 class WeightGradAccumulator:
-    """``sum over chunks of grad_logits.T @ hidden_chunk`` in fp32 (fp64), shape ``[V, D]``.
+    """``sum over chunks of grad_logits.T @ hidden_chunk``, shape ``[V, D]``.
 
-    For a bf16 weight the accumulator costs twice the final gradient: the price of fp32
-    accumulation across chunks. On CUDA each chunk is a bf16 tensor-core matmul with fp32
-    output, added in row blocks; on CPU an fp32 matmul on the upcast hidden chunk.
+    ``in_input_dtype=False`` (default): the sum is kept in fp32 (fp64) and rounded to the
+    weight's dtype once at the end. For a bf16 weight the accumulator costs twice the final
+    gradient, and on CPU each chunk is an fp32 matmul on the upcast hidden chunk (no bf16 matrix
+    units); on CUDA a bf16 tensor-core matmul with fp32 output, added in row blocks.
+    ``in_input_dtype=True``: each chunk's bf16 matmul adds into a bf16 accumulator (what
+    Liger-Kernel and autograd over torchtune's chunked output head do): the sum is rounded once
+    per chunk (see benchmarks/README.md for the measured cost in precision).
     """
 
     ROW_BLOCK = 8192
 
-    def __init__(self, weight: Tensor) -> None:
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+    def __init__(self, weight: Tensor, in_input_dtype: bool = False) -> None:
+        self.lowp = in_input_dtype and weight.dtype in (torch.bfloat16, torch.float16)
+        dtype = weight.dtype if self.lowp else torch.promote_types(weight.dtype, torch.float32)
         self.total = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         self._lowp_out_fp32 = _supports_fp32_out_dtype(weight)
 
     def add(self, grad_logits: Tensor, grad_logits_lowp: Tensor, hidden: Tensor) -> None:
         """``grad_logits`` fp32 ``[n, V]`` (and its input-dtype copy), ``hidden [n, D]``."""
-        if self._lowp_out_fp32 and hidden.dtype != self.total.dtype:
+        if self.lowp:
+            self.total.addmm_(grad_logits_lowp.t(), hidden)
+        elif self._lowp_out_fp32 and hidden.dtype != self.total.dtype:
             grad_t = grad_logits_lowp.t()
             for start in range(0, self.total.shape[0], self.ROW_BLOCK):
                 block = slice(start, start + self.ROW_BLOCK)
@@ -196,8 +221,16 @@ class Projection:
     gradient; as a teacher source it is a constant.
     """
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> None:
+    def __init__(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        rows: int,
+        weight_grad_in_input_dtype: bool = False,
+    ) -> None:
         self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.weight_grad_in_input_dtype = weight_grad_in_input_dtype
         self.pieces = list(hidden.split(rows))
         self.inputs: tuple[Tensor | None, ...] = (hidden, weight, bias)
         self._offsets = [0]
@@ -208,18 +241,30 @@ class Projection:
         needs_hidden, needs_weight, needs_bias = (list(needs) + [False] * 3)[:3]
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self._grad_hidden = torch.empty_like(self.hidden) if needs_hidden else None
-        self._grad_weight = WeightGradAccumulator(self.weight) if needs_weight else None
+        self._grad_weight = (
+            WeightGradAccumulator(self.weight, self.weight_grad_in_input_dtype)
+            if needs_weight
+            else None
+        )
         self._grad_bias = (
             torch.zeros(self.weight.shape[0], dtype=dtype, device=self.weight.device)
             if needs_bias and self.bias is not None
             else None
         )
 
-    def logits(self, i: int) -> Tensor:
-        return project(self.pieces[i], self.weight, self.bias)
+    def logits(self, i: int, ws: Workspace | None = None) -> Tensor:
+        return project(self.pieces[i], self.weight, self.bias, ws)
 
-    def add_grad(self, i: int, grad: Tensor) -> None:
-        lowp = grad.to(self.hidden.dtype)
+    def held(self, i: int) -> tuple[Tensor | None, ...]:
+        return ()  # each chunk's gradient is folded into the buffers of start()
+
+    def add_grad(self, i: int, grad: Tensor, ws: Workspace | None = None) -> None:
+        if grad.dtype == self.hidden.dtype:
+            lowp = grad
+        elif ws is not None:
+            lowp = ws.like(grad, self.hidden.dtype).copy_(grad)
+        else:
+            lowp = grad.to(self.hidden.dtype)
         if self._grad_hidden is not None:
             rows = slice(self._offsets[i], self._offsets[i + 1])
             torch.mm(lowp, self.weight, out=self._grad_hidden[rows])
@@ -242,8 +287,11 @@ class TopKPieces:
     def __init__(self, pieces: list[TopKTeacher]) -> None:
         self.pieces = pieces
 
-    def logits(self, i: int) -> TopKTeacher:
+    def logits(self, i: int, ws: Workspace | None = None) -> TopKTeacher:
         return self.pieces[i]
+
+    def held(self, i: int) -> tuple[Tensor | None, ...]:
+        return ()
 
 
 def split_topk(teacher: TopKTeacher, split: Callable[[Tensor], list[Tensor]]) -> TopKPieces:
@@ -275,6 +323,7 @@ class EngineCall:
     objective: Callable[..., Any] = chunk_objective
     teacher_inputs: tuple[Tensor, ...] = field(default=())
     finite_logits: bool = False  # the caller promises no -inf: skip the per-chunk check
+    workspace: Workspace = field(default_factory=Workspace)  # chunk buffers, reused per chunk
 
     @property
     def inputs(self) -> tuple[Tensor | None, ...]:
@@ -300,12 +349,15 @@ class EngineCall:
                 kd_parts.append(kd)
             if ce is not None:
                 ce_parts.append(ce)
+        self.workspace.clear()
         grads = self.student.grads() + (self.teacher.grads() if teacher_needs else ())
         return (*self._totals(kd_parts, ce_parts), grads)
 
     def _chunk(self, i: int, labels: Tensor, want_s: bool, want_t: bool):
-        student = self.student.logits(i)
-        teacher = self.teacher.logits(i) if self.teacher is not None else None
+        # Traced code (torch.compile of a whole loss) gets fresh buffers: no data pointers there.
+        ws = None if torch.compiler.is_compiling() else self.workspace
+        student = self.student.logits(i, ws)
+        teacher = self.teacher.logits(i, ws) if self.teacher is not None else None
         dtype = torch.promote_types(student.dtype, torch.float32)
         keep = labels != self.ignore_index
         safe_labels = torch.where(keep, labels, 0)
@@ -320,14 +372,18 @@ class EngineCall:
         objective = (
             chunk_objective if masked or isinstance(teacher, TopKTeacher) else self.objective
         )
+        eager = objective is chunk_objective  # a compiled objective allocates its own buffers
         kd, ce, grad_s, grad_t = objective(
             self.math, student, teacher, safe_labels, keep, kd_weight, ce_weight,
-            want_s, want_t, masked,
+            want_s, want_t, masked, **({"ws": ws} if eager and ws is not None else {}),
         )  # fmt: skip
         if grad_s is not None:
-            self.student.add_grad(i, grad_s)
+            self.student.add_grad(i, grad_s, ws)
         if grad_t is not None:
-            self.teacher.add_grad(i, grad_t)
+            self.teacher.add_grad(i, grad_t, ws)
+        if ws is not None:
+            held = self.student.held(i) + (self.teacher.held(i) if self.teacher else ())
+            ws.reclaim(held)
         kd_sum = torch.where(keep, kd, 0.0).sum() if kd is not None else None
         ce_sum = torch.where(keep, ce, 0.0).sum() if ce is not None else None
         return kd_sum, ce_sum

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdtune.losses import ChunkedKDLoss, FusedLinearKDLoss, TopKTeacher
-from kdtune.losses._math import ChunkMath, chunk_objective
+from kdtune.losses._math import ChunkMath, Workspace, chunk_objective
 from kdtune.losses.engine import TEMPORARIES_PER_ROW, rows_per_chunk
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
@@ -86,6 +86,69 @@ def test_forward_kl_with_ce_allocates_four_vocabulary_sized_buffers():
     assert len(bf16.ops) == 6 and bf16.ops.count("_to_copy") == 2
     for name in ("reverse_kl", "symmetric_kl", "jsd", "skew_forward_kl", "total_variation"):
         assert len(_count(name, torch.float32).ops) <= 6, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_workspace_buffers_give_bitwise_the_same_chunk_results(dtype):
+    """The workspace only changes where buffers live: every divergence, both temperatures,
+    with and without CE and the teacher gradient, a reused (dirty, larger) buffer included."""
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(6, 40, generator=g).to(dtype)
+    teacher = torch.randn(6, 40, generator=g).to(dtype)
+    labels = torch.randint(0, 40, (6,), generator=g)
+    keep = torch.tensor([True, True, False, True, True, True])
+    weight = torch.full((6,), 0.25) * keep
+    ws = Workspace()
+    for flat in ws.take((7, 40), torch.float32, student.device), ws.take((7, 40), dtype, "cpu"):
+        flat.fill_(float("nan"))  # stale values from a "previous chunk"
+    ws.reclaim()
+    names = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "skew_forward_kl")
+    for name in (*names, "skew_reverse_kl", "total_variation", None):
+        for temperature, with_ce, want_t in (
+            (1.0, True, False),
+            (2.0, True, True),
+            (1.0, False, True),
+        ):
+            if name is None and not with_ce:
+                continue
+            math_ = ChunkMath(name, temperature=temperature, with_ce=with_ce)
+            args = (math_, student, teacher, labels, keep, weight, weight, True, want_t, False)
+            plain = chunk_objective(*args)
+            reused = chunk_objective(*args, ws=ws)
+            for a, b in zip(plain, reused, strict=True):
+                assert (a is None) == (b is None), (name, temperature)
+                if a is not None:
+                    assert torch.equal(a, b), (name, temperature, with_ce)
+            ws.reclaim()
+    assert student.isfinite().all() and teacher.isfinite().all()  # inputs never written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_chunks_reuse_their_buffers(dtype):
+    """New vocabulary-sized allocations of one fused call do not grow with the chunk count
+    (on CPU each fresh chunk-sized buffer is page-faulted in: 2-4x the op writing it)."""
+    g = torch.Generator().manual_seed(6)
+    vocab, dim, rows = 96, 8, 4
+
+    def allocations(chunks: int) -> int:
+        seq = rows * chunks
+        hidden = torch.randn(1, seq, dim, generator=g).to(dtype).requires_grad_()
+        weight = torch.randn(vocab, dim, generator=g).to(dtype).requires_grad_()
+        with _NewLargeTensors(rows * vocab) as mode:  # [rows, V] and [V, D] tensors
+            out = FusedLinearKDLoss(chunk_size=rows)(
+                hidden,
+                weight,
+                torch.randint(0, vocab, (1, seq), generator=g),
+                kd_ratio=0.5,
+                teacher_hidden=hidden.detach(),
+                teacher_weight=weight.detach() * 0.5,
+            )
+        out.loss.backward()
+        assert hidden.grad.isfinite().all() and weight.grad.isfinite().all()
+        return len(mode.ops)
+
+    few, many = allocations(2), allocations(9)  # hidden-sized tensors stay below the count
+    assert 0 < few == many
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

@@ -477,6 +477,57 @@ def test_bf16_weight_gradient_accumulation_is_discriminating():
         )
 
 
+def test_bf16_weight_gradient_accumulated_in_the_input_dtype():
+    """``weight_grad_accumulation="input_dtype"``: a bf16 accumulator, one bf16
+    matmul-accumulate per chunk (as Liger and autograd over a chunked head); nothing else moves."""
+    inputs = make_inputs(batch=4, seq=64, vocab=96, dim=32, teacher_dim=24, dtype=torch.bfloat16)
+    inputs.pop("student_bias")
+    rows = 16
+    _, ref_grad_hidden, ref_grad_weight = _bf16_reference_grads(inputs, 0.5)
+    default = fused(FusedLinearKDLoss(chunk_size=rows), inputs, kd_ratio=0.5)
+    default_grads = grads(default.loss, trainable(inputs))
+    out = fused(
+        FusedLinearKDLoss(chunk_size=rows, weight_grad_accumulation="input_dtype"),
+        inputs,
+        kd_ratio=0.5,
+    )
+    grad_hidden, grad_weight = grads(out.loss, trainable(inputs))
+    assert torch.equal(out.loss, default.loss) and torch.equal(grad_hidden, default_grads[0])
+    assert grad_weight.dtype == torch.bfloat16
+    # Independent: the same chunks summed by bf16 addmm_ from the reference logit gradient.
+    h = inputs["student_hidden"].detach().reshape(-1, 32)
+    w = inputs["student_weight"].detach()
+    student = torch.mm(h, w.t()).float().requires_grad_()
+    teacher = torch.mm(inputs["teacher_hidden"].reshape(-1, 24), inputs["teacher_weight"].t())
+    loss, _, _ = reference_losses(student, teacher.float(), inputs["labels"], kd_ratio=0.5)
+    (grad_logits,) = torch.autograd.grad(loss, [student])
+    expected = torch.zeros_like(w)
+    for start in range(0, h.shape[0], rows):
+        chunk = slice(start, start + rows)
+        expected.addmm_(grad_logits[chunk].to(torch.bfloat16).t(), h[chunk])
+    torch.testing.assert_close(grad_weight, expected, rtol=2**-7, atol=2e-3 * expected.abs().max())
+    # Less precise than the default (the fp32 sum), but close to the exact gradient.
+    error = (grad_weight.float() - ref_grad_weight).norm() / ref_grad_weight.norm()
+    default_error = (default_grads[1].float() - ref_grad_weight).norm() / ref_grad_weight.norm()
+    assert default_error < error < 2e-2
+    torch.testing.assert_close(grad_hidden.float(), ref_grad_hidden, rtol=2e-2, atol=2e-3)
+
+
+def test_input_dtype_accumulation_leaves_fp32_weights_alone():
+    inputs = make_inputs(seed=21)
+    results = []
+    for accumulation in ("fp32", "input_dtype"):
+        loss = FusedLinearKDLoss(chunk_size=13, weight_grad_accumulation=accumulation)
+        results.append(grads(fused(loss, inputs, kd_ratio=0.5).loss, trainable(inputs)))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_weight_grad_accumulation_is_checked():
+    with pytest.raises(ValueError, match=r"weight_grad_accumulation.*'bf16'"):
+        FusedLinearKDLoss(weight_grad_accumulation="bf16")
+
+
 # ------------------------------------------------------------------------------------------------
 # Against the chunked family (when present)
 
