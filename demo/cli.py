@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -101,6 +102,13 @@ def demo_parser() -> argparse.ArgumentParser:
         help="leave out the three runs of KD from the cached top-k teacher (k = 2, 4, 8)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="training runs side by side, in worker processes (default: the CPU cores; the "
+        "results do not depend on it)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -116,8 +124,8 @@ def demo_main(argv: list[str]) -> int:
 
     parser = demo_parser()
     args, overrides = _split_overrides(parser, argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads < 1 or args.jobs < 1:
+        parser.error(f"--threads and --jobs must be >= 1, got {args.threads}, {args.jobs}")
     torch.set_num_threads(args.threads)
     run_demo(
         args.out,
@@ -128,6 +136,8 @@ def demo_main(argv: list[str]) -> int:
         cached=not args.no_cached,
         on_policy=not args.no_on_policy,
         controls=args.on_policy_controls,
+        jobs=args.jobs,
+        threads=args.threads,
     )
     return 0
 

@@ -15,9 +15,15 @@ sampled answers (:mod:`kdtune.demo.evaluate`).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from kdtune.assets.checkpoints import write_text_atomic
 from kdtune.demo.evaluate import evaluate_checkpoints, resolve_checkpoint_dir, weight_files
@@ -292,6 +298,117 @@ def evaluate_seed(
     return evaluate_checkpoints(cfg, students, teacher=ws.teacher_dir)
 
 
+def chains(plan: list[Variant]) -> list[list[tuple[int, Variant]]]:
+    """The plan as chains that may run side by side, each ``(position in plan, variant)`` in
+    order: a run joins the chain of the run it starts from."""
+    chain_of: dict[str, list[tuple[int, Variant]]] = {}
+    found: list[list[tuple[int, Variant]]] = []
+    for index, variant in enumerate(plan, start=1):
+        chain = chain_of.get(variant.start) if variant.start is not None else None
+        if chain is None:
+            chain = []
+            found.append(chain)
+        chain.append((index, variant))
+        chain_of[variant.name] = chain
+    return found
+
+
+def train_chain(
+    ws: Workspace, seed: int, chain: list[tuple[int, Variant]], total: int, extra: list[str]
+) -> dict[str, RunResult]:
+    """Train one chain's runs in order (a run may start from an earlier one's checkpoint)."""
+    runs: dict[str, RunResult] = {}
+    for index, variant in chain:
+        _say(f"[seed {seed}] {index}/{total} training {variant.label} ...")
+        run = train_variant(ws, seed, variant, extra, _start_of(variant, runs))
+        runs[variant.name] = run
+        _say(
+            f"[seed {seed}]   {variant.name}: {run.steps} steps in {run.seconds:.1f} s, "
+            f"final train loss {run.final_loss:.3f}"
+        )
+    return runs
+
+
+def evaluate_and_report(
+    ws: Workspace, seed: int, runs: dict[str, RunResult], extra: list[str]
+) -> dict[str, dict]:
+    """:func:`evaluate_seed`, with its progress lines."""
+    _say(f"[seed {seed}] evaluating {len(runs) + 2} models on {DEFAULT_SPEC.num_val} answers")
+    rows = evaluate_seed(ws, seed, runs, extra)
+    _say(
+        f"[seed {seed}]   held-out true KL: before {rows['before']['true_kl']:.3f}, "
+        f"CE-only {rows[CE_ONLY.name]['true_kl']:.3f}, "
+        f"KD forward KL {rows[KD_FORWARD.name]['true_kl']:.3f}, "
+        f"teacher {rows['teacher']['true_kl']:.3f}"
+    )
+    return rows
+
+
+class _Inline:
+    """Runs submitted work at once, in this process (``jobs=1``): same interface as the pool."""
+
+    def submit(self, function: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        future.set_result(function(*args))
+        return future
+
+
+def train_and_evaluate(
+    ws: Workspace,
+    seeds: list[int],
+    plan: list[Variant],
+    extra: list[str],
+    *,
+    jobs: int,
+    threads: int,
+) -> tuple[list[dict[str, dict]], dict[str, float]]:
+    """Every seed's runs, then its evaluation as soon as its runs are done; with ``jobs`` > 1
+    in worker processes (spawned: no forked OpenMP state). Returns the rows per seed (in
+    ``seeds`` order) and each run's training seconds."""
+    pending: dict[Future, tuple[str, int]] = {}
+    runs: dict[int, dict[str, RunResult]] = {seed: {} for seed in seeds}
+    chains_left = {seed: 0 for seed in seeds}
+    rows: dict[int, dict[str, dict]] = {}
+    pool = (
+        ProcessPoolExecutor(
+            jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
+        if jobs > 1
+        else _Inline()
+    )
+    try:
+        for seed in seeds:
+            for chain in sorted(chains(plan), key=len, reverse=True):  # longest first
+                pending[pool.submit(train_chain, ws, seed, chain, len(plan), extra)] = (
+                    "train",
+                    seed,
+                )
+                chains_left[seed] += 1
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, seed = pending.pop(future)
+                if kind == "evaluate":
+                    rows[seed] = future.result()
+                    continue
+                runs[seed].update(future.result())
+                chains_left[seed] -= 1
+                if chains_left[seed] == 0:
+                    ordered = {v.name: runs[seed][v.name] for v in plan}
+                    job = pool.submit(evaluate_and_report, ws, seed, ordered, extra)
+                    pending[job] = ("evaluate", seed)
+    finally:
+        if isinstance(pool, ProcessPoolExecutor):
+            pool.shutdown(cancel_futures=True)
+    timings = {
+        f"seed{seed}/{name}": run.seconds for seed in seeds for name, run in runs[seed].items()
+    }
+    return [rows[seed] for seed in seeds], timings
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -306,8 +423,13 @@ def run_demo(
     cached: bool = True,
     on_policy: bool = True,
     controls: bool = False,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> dict:
-    """Set up, train and evaluate; print progress and the table; write results.{json,md}."""
+    """Set up, train and evaluate; print progress and the table; write results.{json,md}.
+
+    ``jobs`` > 1 trains and evaluates in that many worker processes (each with ``threads``
+    torch threads); every run is seeded by its own config, so the results are the same."""
     started = time.perf_counter()
     ws, reused = prepare_workspace(out, seeds=seeds)
     spec = DEFAULT_SPEC
@@ -322,28 +444,7 @@ def run_demo(
         return {}
     plan = variants(quick, cached, on_policy, controls)
     build_teacher_caches(ws, plan, extra)
-    per_seed: list[dict[str, dict]] = []
-    timings: dict[str, float] = {}
-    for seed in seeds:
-        runs: dict[str, RunResult] = {}
-        for i, variant in enumerate(plan, start=1):
-            _say(f"[seed {seed}] {i}/{len(plan)} training {variant.label} ...")
-            run = train_variant(ws, seed, variant, extra, _start_of(variant, runs))
-            runs[variant.name] = run
-            timings[f"seed{seed}/{variant.name}"] = run.seconds
-            _say(
-                f"[seed {seed}]   {run.steps} steps in {run.seconds:.1f} s, "
-                f"final train loss {run.final_loss:.3f}"
-            )
-        _say(f"[seed {seed}] evaluating {len(runs) + 2} models on {spec.num_val} held-out answers")
-        rows = evaluate_seed(ws, seed, runs, extra)
-        per_seed.append(rows)
-        _say(
-            f"[seed {seed}]   held-out true KL: before {rows['before']['true_kl']:.3f}, "
-            f"CE-only {rows[CE_ONLY.name]['true_kl']:.3f}, "
-            f"KD forward KL {rows[KD_FORWARD.name]['true_kl']:.3f}, "
-            f"teacher {rows['teacher']['true_kl']:.3f}"
-        )
+    per_seed, timings = train_and_evaluate(ws, seeds, plan, extra, jobs=jobs, threads=threads)
     elapsed = time.perf_counter() - started
 
     title = f"Held-out metrics, {spec.num_val} answers" + (

@@ -13,7 +13,14 @@ from safetensors import safe_open
 from kdtune.demo.cli import _split_overrides, eval_main, eval_parser
 from kdtune.demo.evaluate import evaluate_checkpoints, load_model
 from kdtune.demo.models import DEMO_VOCAB_SIZE, TEACHER_DIMS
-from kdtune.demo.pipeline import KD_CONFIG, run_demo, run_overrides, variants
+from kdtune.demo.pipeline import (
+    KD_CONFIG,
+    chains,
+    run_demo,
+    run_overrides,
+    train_and_evaluate,
+    variants,
+)
 from kdtune.demo.runner import demo_config
 from kdtune.demo.tokenizer import tokenizer_sha256
 from kdtune.demo.train_teacher import TEACHER_CONFIG, setup_teacher_workspace
@@ -225,3 +232,30 @@ def test_true_token_logprobs_of_a_hand_built_chain():
     assert logprobs == pytest.approx([smooth(0.75), smooth(0), smooth(0), smooth(0)])
     # an answer cut before its end token is not valid
     assert not true_token_logprobs(task, words, 0, [11, 20], v)[1]
+
+
+def test_chains_keep_each_run_after_the_run_it_starts_from():
+    plan = variants(quick=False, controls=True)
+    found = chains(plan)
+    assert sorted(index for chain in found for index, _ in chain) == list(range(1, len(plan) + 1))
+    for chain in found:
+        names = [variant.name for _, variant in chain]
+        for position, (_, variant) in enumerate(chain):
+            if variant.start is not None:  # its start runs earlier in the same chain
+                assert variant.start in names[:position]
+            else:
+                assert position == 0
+    assert max(len(chain) for chain in found) > 1  # the on-policy rows share their CE start
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_rows_as_one_process(demo_ws):
+    """``kdtune demo --jobs 2`` trains in spawned workers: every number of the table is the
+    same as in one process (each run is seeded by its own config)."""
+    plan = variants(quick=True)
+    extra = ["epochs=1", f"validation_dataset.data_files={demo_ws.root}/data/val_small.json"]
+    inline, _ = train_and_evaluate(demo_ws, [1], plan, extra, jobs=1, threads=1)
+    workers, timings = train_and_evaluate(demo_ws, [1], plan, extra, jobs=2, threads=1)
+    # json: the truth row's teacher_kl is NaN in both (NaN != NaN)
+    assert json.dumps(workers, sort_keys=True) == json.dumps(inline, sort_keys=True)
+    assert set(timings) == {f"seed1/{variant.name}" for variant in plan}
