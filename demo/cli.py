@@ -3,7 +3,7 @@
 ::
 
     kdtune demo [--out DIR] [--seeds 0 1 2] [--quick] [--setup-only] [--no-cached] [--no-on-policy]
-                [--on-policy-controls] [--threads N]
+                [--on-policy-controls] [--jobs N] [--threads N]
                 [key=value ...]
     kdtune eval --config CONFIG --checkpoint NAME=DIR [...] [--teacher DIR | --no-teacher]
                 [--seeds 0 1 2] [--task task.json] [--json PATH] [key=value ...]
@@ -93,8 +93,8 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--on-policy-controls",
         action="store_true",
-        help="add the on-policy rows' controls: off-policy forward KL from their 80-step "
-        "CE-only start, and both rows from the random student (also with --quick)",
+        help="add the on-policy rows' control: off-policy forward KL from their 80-step "
+        "CE-only start (also with --quick, which then runs every on-policy row)",
     )
     parser.add_argument(
         "--no-cached",

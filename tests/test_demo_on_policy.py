@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 
 from kdtune.demo.evaluate import resolve_checkpoint_dir, weight_files
 from kdtune.demo.pipeline import (
+    ANSWER_FREE_ON_POLICY_VARIANTS,
     CONTROL_VARIANTS,
     DISTIL_EPOCHS,
     KD_CONFIG,
     KD_FORWARD,
+    ON_POLICY_VARIANTS,
     SFT_EPOCHS,
     SFT_ON_POLICY_VARIANTS,
     SFT_START,
@@ -58,11 +60,15 @@ def test_every_run_starts_after_its_start_and_is_compared_within_the_plan():
             if flags[3]:  # with the controls, every comparison runs
                 assert set(variant.compare_to) <= set(names), variant.name
     default = [v.name for v in variants(quick=False)]
-    on_policy = [SFT_START.name, *(v.name for v in SFT_ON_POLICY_VARIANTS)]
-    assert default[-3:] == on_policy
+    on_policy = [
+        *(v.name for v in ANSWER_FREE_ON_POLICY_VARIANTS),
+        SFT_START.name,
+        *(v.name for v in SFT_ON_POLICY_VARIANTS),
+    ]
+    assert default[-5:] == on_policy
     assert not {v.name for v in CONTROL_VARIANTS} & set(default)
     assert [v.name for v in variants(quick=True)] == ["ce_only", "kd_forward_kl"]
-    assert [v.name for v in variants(quick=True, controls=True)][2:5] == on_policy
+    assert [v.name for v in variants(quick=True, controls=True)][2:7] == on_policy
 
 
 def test_on_policy_rows_are_the_issue_s_settings(demo_ws):
@@ -70,7 +76,7 @@ def test_on_policy_rows_are_the_issue_s_settings(demo_ws):
     rows (80 CE-only steps first for the rows that start from SFT_START)."""
     steps_per_epoch = 128 // 16
     fractions, steps = {}, {}
-    for variant in (KD_FORWARD, SFT_START, *SFT_ON_POLICY_VARIANTS, *CONTROL_VARIANTS):
+    for variant in (KD_FORWARD, *ON_POLICY_VARIANTS):
         cfg = demo_config(variant.config, run_overrides(demo_ws, 0, variant, []))
         check_config(cfg)  # raises on any problem
         settings = on_policy_settings(cfg.get("on_policy"))
@@ -78,7 +84,7 @@ def test_on_policy_rows_are_the_issue_s_settings(demo_ws):
         if settings is not None and settings.fraction == 1.0:
             assert cfg.kd_loss._component_.endswith("ReverseKLWithChunkedOutputLoss")
         steps[variant.name] = cfg.epochs * steps_per_epoch
-    for variant in (*SFT_ON_POLICY_VARIANTS, *CONTROL_VARIANTS):
+    for variant in (v for v in ON_POLICY_VARIANTS if v is not SFT_START):
         before = steps[variant.start] if variant.start else 0
         assert before + steps[variant.name] == steps[KD_FORWARD.name] == 160, variant.name
     assert demo_config(KD_CONFIG, []).epochs == SFT_EPOCHS + DISTIL_EPOCHS
