@@ -126,9 +126,10 @@ class KDRecipe(FTRecipeInterface):
             self._guard.resumed(resume_folder, resumed["progress"])
 
         # Config, models on meta vs checkpoints, data scan: every problem before any weights.
-        self._tokenizer = preflight(cfg, self._metrics, resumed, is_main=runtime.is_main)
-        # teacher_cache: its top-k rows replace the teacher (checked before models are built).
-        self._teacher_cache = teacher_cache.open_for_training(cfg)
+        # A teacher_cache's top-k rows replace the teacher (opened and checked there).
+        self._tokenizer, self._teacher_cache = preflight(
+            cfg, self._metrics, resumed, is_main=runtime.is_main
+        )
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if runtime.is_main else None
         if self._metric_logger is not None:

@@ -144,7 +144,7 @@ def preflight(
     resumed: dict[str, Any] | None = None,
     *,
     is_main: bool = True,
-) -> Any:
+) -> tuple[Any, Any]:
     """The recipe's preflight: :func:`check_run`, raising every problem at once. Every process
     of a multi-process run runs it (the same data, the same verdict: no rank waits for another
     that failed); the main one shows the scan's progress bar, issues the warnings, and logs
@@ -152,7 +152,8 @@ def preflight(
     run starts from: ``resumed``'s).
 
     Returns:
-        The tokenizer (built from ``cfg.tokenizer``).
+        ``(tokenizer, teacher_cache)``: the tokenizer built from ``cfg.tokenizer`` and the
+        opened, checked ``teacher_cache`` (None without one), for the recipe to use as they are.
 
     Raises:
         ConfigError: every problem, one per line, each naming key (file, record) and fix.
@@ -160,7 +161,7 @@ def preflight(
     report = check_run(cfg, show_progress=is_main)
     report.problems.raise_if_any(PREFLIGHT)
     if not is_main:
-        return report.tokenizer
+        return report.tokenizer, report.cache
     for message in report.problems.warnings:
         warnings.warn(message, stacklevel=2)
     step = int((resumed or {}).get("progress", {}).get("global_step", 0))
@@ -169,7 +170,7 @@ def preflight(
             metrics.write(scan.record(step))
     if report.scans:
         log.info("Data scan: " + "; ".join(scan.summary() for scan in report.scans))
-    return report.tokenizer
+    return report.tokenizer, report.cache
 
 
 def _guarded(problems: Problems, check: Any, *args: Any) -> Any:
