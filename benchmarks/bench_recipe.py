@@ -166,7 +166,13 @@ def _common(settings: Settings, output_dir: str) -> dict:
         "epochs": 1,
         "max_steps_per_epoch": settings.steps,
         "kd_ratio": 0.5,
-        "optimizer": {"_component_": "torch.optim.AdamW", "lr": settings.lr, "weight_decay": 0.0},
+        # fused AdamW, as the shipped full-parameter configs (and torchtune's) use
+        "optimizer": {
+            "_component_": "torch.optim.AdamW",
+            "lr": settings.lr,
+            "weight_decay": 0.0,
+            "fused": True,
+        },
         "lr_scheduler": {
             "_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
             "num_warmup_steps": 1,
@@ -207,7 +213,7 @@ def kdtune_config(settings: Settings, output_dir: str, variant: Variant) -> dict
             "kd_loss": {
                 "_component_": "kdtune.losses.fused.FusedLinearKDLoss",
                 "divergence": "forward_kl",
-                "num_chunks": NUM_CHUNKS,
+                "num_chunks": None,  # the default: chunk rows from the memory budget
             },
         }
     else:

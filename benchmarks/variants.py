@@ -248,7 +248,7 @@ def floor_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     from kdtune.losses.engine import rows_per_chunk
 
     seq, vocab = inputs.student_hidden.shape[1], inputs.student_weight.shape[0]
-    rows = rows or rows_per_chunk(seq, vocab, num_chunks=8)
+    rows = rows or rows_per_chunk(seq, vocab)
     hidden = inputs.student_hidden.detach().view(-1, inputs.student_hidden.shape[-1])
     teacher_hidden = inputs.teacher_hidden.view(-1, inputs.teacher_hidden.shape[-1])
     weight, teacher_weight = inputs.student_weight.detach(), inputs.teacher_weight

@@ -82,19 +82,25 @@ class ChunkMath:
 
 
 class Workspace:
-    """Vocabulary-sized buffers handed from one chunk to the next within one loss call.
+    """Vocabulary-sized buffers handed from one chunk to the next (and, when ``persistent``,
+    from one loss call to the next).
 
     On CPU a fresh allocation of a chunk's size (tens of MiB) is mapped in page by page on its
     first write, which costs 2-4x the elementwise op that writes it (PyTorch's CPU allocator
-    caches nothing). :meth:`take` hands out a free buffer of the previous chunk when one is
+    caches nothing). :meth:`take` hands out a free buffer of an earlier chunk when one is
     large enough, else a new one; :meth:`give` returns a transient at once; :meth:`reclaim` (at
     the end of a chunk) frees every lent buffer except those still held. The pool never holds
     more buffers than one chunk has alive at once, so peak memory does not change.
+    :meth:`end_call` (at the end of a loss call) drops every buffer, or, when ``persistent``,
+    keeps those this call used for the next one (the caller's training loop calls the loss
+    with the same shapes every step; CUDA's caching allocator already reuses memory).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, persistent: bool = False) -> None:
+        self.persistent = persistent
         self._free: list[Tensor] = []  # flat buffers
         self._lent: dict[int, Tensor] = {}  # data_ptr -> flat buffer
+        self._used: set[int] = set()  # data_ptrs handed out since the last end_call
 
     def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised contiguous tensor of ``shape``."""
@@ -109,6 +115,7 @@ class Workspace:
         else:
             flat = torch.empty(numel, dtype=dtype, device=device)
         self._lent[flat.data_ptr()] = flat
+        self._used.add(flat.data_ptr())
         return flat[:numel].view(shape)
 
     def like(self, tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -130,10 +137,23 @@ class Workspace:
         self._free.extend(self._lent.values())
         self._lent.clear()
 
+    def end_call(self) -> None:
+        """End of a loss call: keep (persistent) the free buffers this call used, else none."""
+        self._lent.clear()
+        used = self._used if self.persistent else set()
+        self._free = [b for b in self._free if b.data_ptr() in used]
+        self._used = set()
+
     def clear(self) -> None:
-        """Drop every buffer (end of the call)."""
+        """Drop every buffer."""
         self._free.clear()
         self._lent.clear()
+        self._used = set()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the free buffers kept."""
+        return sum(b.numel() * b.element_size() for b in self._free)
 
 
 def rowdot(a: Tensor, b: Tensor, scratch: Tensor | None = None) -> Tensor:
@@ -213,6 +233,16 @@ def _tvd(log_q, q, log_p, p, want_s: bool, want_t: bool):
     grad_t = torch.sub(_col(rowdot(p, sign)), sign).mul_(p).mul_(0.5) if want_t else None
     grad_s = sign.sub_(_col(rowdot(q, sign))).mul_(q).mul_(0.5) if want_s else None
     return value, grad_s, grad_t
+
+
+def _forward_kl_and_ce(log_p, p, log_q, q, kd_weight, ce_weight):
+    """The default objective's fast path (forward KL and CE sharing ``q``): ``(KL(p || q) [n],
+    kd_weight (q - p) + ce_weight q)`` in two passes for the gradient, written into ``q``
+    (the caller subtracts the one-hot); ``log_p``/``log_q`` are overwritten."""
+    diff = log_p.sub_(log_q)
+    value = rowdot(p, diff, scratch=log_q)
+    grad = q.mul_(_col(kd_weight + ce_weight)).addcmul_(p, _col(kd_weight), value=-1.0)
+    return value, grad
 
 
 def closed_form(name: str, params: dict[str, float], log_q, q, log_p, p, want_s, want_t):
@@ -416,6 +446,10 @@ def chunk_objective(
         q = _exp(log_q, ws)
         log_p = _tempered_log_softmax(teacher, math_.temperature, ws)
         p = _exp(log_p, ws)
+        if shared and want_s and not want_t and math_.divergence == "forward_kl":
+            kd, grad = _forward_kl_and_ce(log_p, p, log_q, q, kd_weight, ce_weight)
+            grad.scatter_add_(-1, safe_labels.unsqueeze(-1), -_col(ce_weight.to(grad.dtype)))
+            return kd, ce, grad, None
         kd, grad_kd, grad_t = closed_form(
             math_.divergence, params, log_q, q, log_p, p, want_s, want_t
         )

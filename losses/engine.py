@@ -20,16 +20,17 @@ Contract (every entry point):
   an all-ignored batch gives an exact 0 still on the autograd graph. ``"sum"``: the sums.
 - ``vocab_columns=N``: the KD term compares the first N columns of both models (embedding
   padding); the CE term uses the whole student vocabulary.
-- ``-inf`` logits: checked once per chunk; such a chunk follows the rules of
+- ``-inf`` logits: a chunk whose KD values come out non-finite is redone by the rules of
   :mod:`kdtune.losses.divergences` (reference implementation by autograd).
 - Double backward is not supported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -146,6 +147,29 @@ def _supports_fp32_out_dtype(tensor: Tensor) -> bool:
     return _OUT_DTYPE_SUPPORT[key]
 
 
+def _cpu_has_bf16_matmul(weight: Tensor) -> bool:
+    """A bf16 weight on a CPU whose oneDNN has bf16 matrix instructions (AVX512-BF16, AMX)."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+@contextlib.contextmanager
+def _onednn_bf16_matmul() -> Iterator[None]:
+    """In this block oneDNN may run fp32 matmuls on bf16 matrix units: operands rounded to bf16
+    (exact for operands that hold bf16 values), products summed in fp32."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def _matmul(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
     """``hidden @ weight.T (+ bias)`` in the input dtype, into ``out`` when given."""
     if bias is None:
@@ -181,9 +205,12 @@ class WeightGradAccumulator:
     """``sum over chunks of grad_logits.T @ hidden_chunk``, shape ``[V, D]``.
 
     ``in_input_dtype=False`` (default): the sum is kept in fp32 (fp64) and rounded to the
-    weight's dtype once at the end. For a bf16 weight the accumulator costs twice the final
-    gradient, and on CPU each chunk is an fp32 matmul on the upcast hidden chunk (no bf16 matrix
-    units); on CUDA a bf16 tensor-core matmul with fp32 output, added in row blocks.
+    weight's dtype once at the end. For a 16-bit weight the products are those of the logit
+    gradient rounded to the weight's dtype (the same rounding the hidden-state gradient's
+    matmul gets) with the hidden states, exact in fp32, on every device: a tensor-core matmul
+    with fp32 output on CUDA (added in row blocks); on CPU an fp32 matmul on the rounded values,
+    run on the bf16 matrix units where oneDNN has them (the rounding to bf16 is then exact). The
+    accumulator costs twice the final gradient.
     ``in_input_dtype=True``: each chunk's bf16 matmul adds into a bf16 accumulator (what
     Liger-Kernel and autograd over torchtune's chunked output head do): the sum is rounded once
     per chunk (see benchmarks/README.md for the measured cost in precision).
@@ -196,18 +223,23 @@ class WeightGradAccumulator:
         dtype = weight.dtype if self.lowp else torch.promote_types(weight.dtype, torch.float32)
         self.total = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         self._lowp_out_fp32 = _supports_fp32_out_dtype(weight)
+        self._cpu_bf16_math = _cpu_has_bf16_matmul(weight)
 
     def add(self, grad_logits: Tensor, grad_logits_lowp: Tensor, hidden: Tensor) -> None:
-        """``grad_logits`` fp32 ``[n, V]`` (and its input-dtype copy), ``hidden [n, D]``."""
+        """``grad_logits`` fp32 ``[n, V]`` (overwritten), its input-dtype copy, ``hidden [n, D]``."""
         if self.lowp:
             self.total.addmm_(grad_logits_lowp.t(), hidden)
-        elif self._lowp_out_fp32 and hidden.dtype != self.total.dtype:
+        elif hidden.dtype == self.total.dtype:
+            self.total.addmm_(grad_logits.t(), hidden)
+        elif self._lowp_out_fp32:
             grad_t = grad_logits_lowp.t()
             for start in range(0, self.total.shape[0], self.ROW_BLOCK):
                 block = slice(start, start + self.ROW_BLOCK)
                 self.total[block].add_(torch.mm(grad_t[block], hidden, out_dtype=torch.float32))
         else:
-            self.total.addmm_(grad_logits.t(), hidden.to(self.total.dtype))
+            rounded = grad_logits.copy_(grad_logits_lowp)  # the 16-bit values, held in fp32
+            with _onednn_bf16_matmul() if self._cpu_bf16_math else contextlib.nullcontext():
+                self.total.addmm_(rounded.t(), hidden.to(self.total.dtype))
 
     def result(self, dtype: torch.dtype) -> Tensor:
         return self.total.to(dtype)
@@ -265,13 +297,13 @@ class Projection:
             lowp = ws.like(grad, self.hidden.dtype).copy_(grad)
         else:
             lowp = grad.to(self.hidden.dtype)
+        if self._grad_bias is not None:
+            self._grad_bias += grad.sum(dim=0)
         if self._grad_hidden is not None:
             rows = slice(self._offsets[i], self._offsets[i + 1])
             torch.mm(lowp, self.weight, out=self._grad_hidden[rows])
         if self._grad_weight is not None:
-            self._grad_weight.add(grad, lowp, self.pieces[i])
-        if self._grad_bias is not None:
-            self._grad_bias += grad.sum(dim=0)
+            self._grad_weight.add(grad, lowp, self.pieces[i])  # may overwrite grad
 
     def grads(self) -> tuple[Tensor | None, ...]:
         weight = self._grad_weight.result(self.weight.dtype) if self._grad_weight else None
@@ -349,7 +381,7 @@ class EngineCall:
                 kd_parts.append(kd)
             if ce is not None:
                 ce_parts.append(ce)
-        self.workspace.clear()
+        self.workspace.end_call()
         grads = self.student.grads() + (self.teacher.grads() if teacher_needs else ())
         return (*self._totals(kd_parts, ce_parts), grads)
 
@@ -364,19 +396,21 @@ class EngineCall:
         weight = keep.to(dtype) * self.divisor
         kd_weight = weight * (self.kd_ratio * self.kd_scale / self.math.temperature)
         ce_weight = weight * (1.0 - self.kd_ratio)
-        masked = (
+        objective = chunk_objective if isinstance(teacher, TopKTeacher) else self.objective
+        eager = objective is chunk_objective  # a compiled objective allocates its own buffers
+        args = (self.math, student, teacher, safe_labels, keep, kd_weight, ce_weight)
+        kd, ce, grad_s, grad_t = objective(
+            *args, want_s, want_t, False, **({"ws": ws} if eager and ws is not None else {})
+        )
+        if (
             isinstance(teacher, Tensor)
             and not self.finite_logits
-            and (_has_neg_inf(student) or _has_neg_inf(teacher))
-        )
-        objective = (
-            chunk_objective if masked or isinstance(teacher, TopKTeacher) else self.objective
-        )
-        eager = objective is chunk_objective  # a compiled objective allocates its own buffers
-        kd, ce, grad_s, grad_t = objective(
-            self.math, student, teacher, safe_labels, keep, kd_weight, ce_weight,
-            want_s, want_t, masked, **({"ws": ws} if eager and ws is not None else {}),
-        )  # fmt: skip
+            and kd is not None
+            and not bool(kd.isfinite().all())
+        ):
+            # A -inf logit makes the closed forms meet 0 * inf: redo the chunk by the reference
+            # rules (the logits are intact: the objective never writes to them).
+            kd, ce, grad_s, grad_t = chunk_objective(*args, want_s, want_t, True)
         if grad_s is not None:
             self.student.add_grad(i, grad_s, ws)
         if grad_t is not None:
@@ -399,11 +433,6 @@ class EngineCall:
         if self.math.divergence is None:
             return ce, zero, ce
         return self.kd_ratio * kd + (1.0 - self.kd_ratio) * ce, kd, ce
-
-
-def _has_neg_inf(logits: Tensor) -> bool:
-    """One read of the chunk, no temporary: does it hold a ``-inf``?"""
-    return bool(logits.amin() == float("-inf"))
 
 
 class _EngineFunction(torch.autograd.Function):
@@ -520,12 +549,16 @@ class EngineLoss(torch.nn.Module):
             its full softmax); ``"renormalize"`` (axolotl, DistillKit) renormalises the teacher
             over its k ids and the student's softmax over the same k ids (its logits gathered
             there; the other columns get no KD gradient).
-        finite_logits: ``False`` (default): each dense chunk is checked for a ``-inf`` (one
-            host read per chunk) and such a chunk follows the masked-vocabulary semantics above.
-            ``True``: the caller guarantees finite logits (a model's own output head, as in the
-            KD recipe, which sets it), so no chunk is read on the host.
+        finite_logits: ``False`` (default): a dense chunk whose per-token KD values are not
+            all finite (a ``-inf`` logit makes the closed forms meet ``0 * inf``) is redone by
+            the masked-vocabulary semantics above; the check reads ``[rows]`` values on the
+            host once per chunk. ``True``: the caller guarantees finite logits (a model's own
+            output head, as in the KD recipe, which sets it), so nothing is read on the host.
 
-    ``compile()`` compiles the per-chunk math only (not the chunk loop).
+    ``compile()`` compiles the per-chunk math only (not the chunk loop). On CPU the module keeps
+    its chunk buffers (at most ``TEMPORARIES_PER_ROW`` fp32 ``[rows, V]``, about
+    ``chunk_memory_mb`` for the fused loss) from one call to the next, since fresh memory there
+    costs a page fault per 4 KiB on first write; ``release_buffers()`` frees them.
     """
 
     def __init__(
@@ -558,6 +591,7 @@ class EngineLoss(torch.nn.Module):
         self.finite_logits = finite_logits
         self._params = tuple(sorted(resolved.items()))
         self._objective: Callable[..., Any] = chunk_objective
+        self._cpu_workspace = Workspace(persistent=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each loss class its full signature (``**options`` spelled out), so that config
@@ -570,6 +604,10 @@ class EngineLoss(torch.nn.Module):
             extra = [p for p in shared if p.kind is p.KEYWORD_ONLY and p.name not in names]
             own = own[:-1] + extra
         cls.__signature__ = inspect.Signature(own)
+
+    def release_buffers(self) -> None:
+        """Free the chunk buffers kept between calls on CPU (see :class:`Workspace`)."""
+        self._cpu_workspace.clear()
 
     def compile(self, backend: str = "inductor", **kwargs: Any) -> None:  # type: ignore[override]
         """Compile the per-chunk math (:func:`chunk_objective` on finite dense chunks) only."""
@@ -618,6 +656,7 @@ class EngineLoss(torch.nn.Module):
             objective=self._objective,
             teacher_inputs=teacher_inputs,
             finite_logits=self.finite_logits,
+            workspace=self._cpu_workspace if first.device.type == "cpu" else Workspace(),
         )
         return run_engine(call)
 

@@ -22,10 +22,12 @@ input dtype and upcast (what a bf16 model head followed by a chunked loss comput
 logit gradients are fp32; the weight gradient is accumulated across chunks in fp32 and cast to
 the weight's dtype once; the hidden-state gradient is a matmul in the input dtype.
 
-Chunk size. ``chunk_size`` rows when given; otherwise at most ``ceil(B * S / num_chunks)`` rows
-(``num_chunks=8``) and at most what fits ``chunk_memory_mb`` (default 1024 MiB) of
-fp32 vocabulary-sized temporaries (:func:`kdtune.losses.engine.rows_per_chunk`: 261 rows at V = 128,256), so the
-default peak memory does not grow with the sequence length.
+Chunk size. ``chunk_size`` rows when given; otherwise as many rows as fit ``chunk_memory_mb``
+(default 1024 MiB) of fp32 vocabulary-sized temporaries (:func:`kdtune.losses.engine.rows_per_chunk`:
+261 rows at V = 128,256), and at most ``ceil(B * S / num_chunks)`` when ``num_chunks`` is given
+(torchtune's knob). So the default peak memory does not grow with the sequence length, and
+short inputs run in as few chunks as the budget allows (larger matmuls, fewer passes over the
+weight gradient).
 """
 
 from __future__ import annotations
@@ -206,8 +208,8 @@ class FusedLinearKDLoss(EngineLoss):
 
     Args:
         divergence, divergence_params: see :class:`kdtune.losses.engine.EngineLoss`.
-        num_chunks: at most ``ceil(B * S / num_chunks)`` rows per chunk (torchtune's knob);
-            long inputs are cut further by the memory budget.
+        num_chunks: ``None`` (default): rows per chunk from the memory budget alone; N: also
+            at most ``ceil(B * S / N)`` rows per chunk (torchtune's knob).
         ignore_index, temperature, temperature_squared, reduction, vocab_columns, topk_mode:
             see :class:`kdtune.losses.engine.EngineLoss`.
         chunk_size: rows per chunk; when given it overrides ``num_chunks`` and the budget.
@@ -232,7 +234,7 @@ class FusedLinearKDLoss(EngineLoss):
         self,
         divergence: str = "forward_kl",
         divergence_params: dict[str, float] | None = None,
-        num_chunks: int = 8,
+        num_chunks: int | None = None,
         ignore_index: int = -100,
         *,
         chunk_size: int | None = None,
@@ -240,7 +242,8 @@ class FusedLinearKDLoss(EngineLoss):
         weight_grad_accumulation: str = "fp32",
         **options: Any,
     ) -> None:
-        check_int("num_chunks", num_chunks, minimum=1)
+        if num_chunks is not None:
+            check_int("num_chunks", num_chunks, minimum=1)
         if weight_grad_accumulation not in WEIGHT_GRAD_ACCUMULATION:
             raise ValueError(
                 f"weight_grad_accumulation must be one of {list(WEIGHT_GRAD_ACCUMULATION)}, "

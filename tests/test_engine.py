@@ -151,6 +151,45 @@ def test_fused_chunks_reuse_their_buffers(dtype):
     assert 0 < few == many
 
 
+def test_cpu_loss_keeps_its_chunk_buffers_between_calls():
+    """The second call with the same shapes allocates no chunk-sized buffer and gives bitwise
+    the first call's results; a smaller call does not grow the pool; release_buffers frees it."""
+    g = torch.Generator().manual_seed(8)
+    vocab, dim, rows = 96, 8, 4
+    loss_fn = FusedLinearKDLoss(chunk_size=rows)
+    weight = torch.randn(vocab, dim, generator=g, requires_grad=True)
+
+    def call(seq: int) -> tuple[int, list[Tensor]]:
+        hidden = torch.randn(1, seq, dim, generator=torch.Generator().manual_seed(seq))
+        hidden.requires_grad_()
+        weight.grad = None
+        with _NewLargeTensors(rows * vocab) as mode:
+            out = loss_fn(
+                hidden,
+                weight,
+                torch.arange(seq).remainder(vocab).view(1, seq),
+                kd_ratio=0.5,
+                teacher_hidden=hidden.detach() * 0.5,
+                teacher_weight=weight.detach(),
+            )
+        out.loss.backward()
+        chunk_sized = [op for op in mode.ops if op != "zeros"]  # the [V, D] accumulator
+        return len(chunk_sized), [out.loss, out.kd_loss, hidden.grad, weight.grad]
+
+    first_count, first = call(3 * rows)
+    again_count, again = call(3 * rows)
+    assert first_count > 0 and again_count == 0
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    kept = loss_fn._cpu_workspace.nbytes
+    assert kept > 0
+    call(rows - 1)  # shorter rows fit the kept buffers
+    assert loss_fn._cpu_workspace.nbytes <= kept
+    loss_fn.release_buffers()
+    assert loss_fn._cpu_workspace.nbytes == 0
+    assert call(3 * rows)[0] == first_count
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_chunk_budget_covers_every_divergence(dtype, temperature):

@@ -515,9 +515,11 @@ def _check_kd_options(cfg: DictConfig, problems: Problems) -> None:
         )
     if is_fused_loss(cfg.kd_loss):
         chunks = options.get("num_chunks")
-        if not _is_int(chunks) or chunks < 1:
+        if chunks is not None and (not _is_int(chunks) or chunks < 1):
             problems.error(
-                f"kd_loss.num_chunks = {chunks!r} is invalid: use an int >= 1", "kd_loss.num_chunks"
+                f"kd_loss.num_chunks = {chunks!r} is invalid: use null (chunks sized by the "
+                "memory budget) or an int >= 1",
+                "kd_loss.num_chunks",
             )
 
 

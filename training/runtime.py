@@ -536,7 +536,7 @@ def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | No
             FusedLossStep(fused_loss, kd_ratio),
             fused=True,
             ignore_index=fused_loss.ignore_index,
-            num_chunks=fused_loss.num_chunks,
+            num_chunks=fused_loss.num_chunks or 8,  # validation's chunks: torchtune's count
         )
     ce_loss = _step_normalized(_logits_are_finite(config.instantiate(cfg.loss), cfg.loss))
     kd_loss = None
