@@ -122,6 +122,7 @@ class Settings:
     steps: int
     warmup: int
     lr: float
+    fused_num_chunks: int | None = NUM_CHUNKS  # None: the fused loss's memory budget alone
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def kdtune_config(settings: Settings, output_dir: str, variant: Variant) -> dict
             "kd_loss": {
                 "_component_": "kdtune.losses.fused.FusedLinearKDLoss",
                 "divergence": "forward_kl",
-                "num_chunks": None,  # the default: chunk rows from the memory budget
+                "num_chunks": settings.fused_num_chunks,
             },
         }
     else:
@@ -466,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--fused-num-chunks",
+        default=str(NUM_CHUNKS),
+        help="kd_loss.num_chunks of the fused variants: an int (default: torchtune's 8 chunks) "
+        "or 'none' (rows per chunk from the loss's memory budget alone, its default)",
+    )
     parser.add_argument("--assets", type=Path, default=None, help="tiny llama3-vocab assets")
     parser.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: torch's)"
@@ -496,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             warmup=args.warmup,
             lr=args.lr,
+            fused_num_chunks=None
+            if args.fused_num_chunks.lower() == "none"
+            else int(args.fused_num_chunks),
         )
         cached = [VARIANTS[name] for name in args.variants if VARIANTS[name].cached]
         cache = None

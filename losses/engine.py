@@ -221,28 +221,49 @@ class WeightGradAccumulator:
     def __init__(self, weight: Tensor, in_input_dtype: bool = False) -> None:
         self.lowp = in_input_dtype and weight.dtype in (torch.bfloat16, torch.float16)
         dtype = weight.dtype if self.lowp else torch.promote_types(weight.dtype, torch.float32)
-        self.total = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        # An fp32 sum of a 16-bit weight is kept in row blocks, each freed as soon as it is
+        # rounded (see result): the rounding then adds one block, not the whole gradient.
+        rows = self.ROW_BLOCK if dtype != weight.dtype else weight.shape[0]
+        self.blocks: list[Tensor | None] = [
+            torch.zeros((len(range(start, min(start + rows, weight.shape[0]))), weight.shape[1]),
+                        dtype=dtype, device=weight.device)
+            for start in range(0, weight.shape[0], rows)
+        ]  # fmt: skip
+        self.rows = rows
         self._lowp_out_fp32 = _supports_fp32_out_dtype(weight)
         self._cpu_bf16_math = _cpu_has_bf16_matmul(weight)
 
     def add(self, grad_logits: Tensor, grad_logits_lowp: Tensor, hidden: Tensor) -> None:
         """``grad_logits`` fp32 ``[n, V]`` (overwritten), its input-dtype copy, ``hidden [n, D]``."""
+        dtype = self.blocks[0].dtype
         if self.lowp:
-            self.total.addmm_(grad_logits_lowp.t(), hidden)
-        elif hidden.dtype == self.total.dtype:
-            self.total.addmm_(grad_logits.t(), hidden)
+            grad_t, math = grad_logits_lowp.t(), contextlib.nullcontext()
+        elif hidden.dtype == dtype:
+            grad_t, math = grad_logits.t(), contextlib.nullcontext()
         elif self._lowp_out_fp32:
             grad_t = grad_logits_lowp.t()
-            for start in range(0, self.total.shape[0], self.ROW_BLOCK):
-                block = slice(start, start + self.ROW_BLOCK)
-                self.total[block].add_(torch.mm(grad_t[block], hidden, out_dtype=torch.float32))
+            for block, total in zip(grad_t.split(self.rows), self.blocks, strict=True):
+                total.add_(torch.mm(block, hidden, out_dtype=torch.float32))
+            return
         else:
-            rounded = grad_logits.copy_(grad_logits_lowp)  # the 16-bit values, held in fp32
-            with _onednn_bf16_matmul() if self._cpu_bf16_math else contextlib.nullcontext():
-                self.total.addmm_(rounded.t(), hidden.to(self.total.dtype))
+            grad_t = grad_logits.copy_(grad_logits_lowp).t()  # the 16-bit values, held in fp32
+            hidden = hidden.to(dtype)
+            math = _onednn_bf16_matmul() if self._cpu_bf16_math else contextlib.nullcontext()
+        with math:
+            for block, total in zip(grad_t.split(self.rows), self.blocks, strict=True):
+                total.addmm_(block, hidden)
 
     def result(self, dtype: torch.dtype) -> Tensor:
-        return self.total.to(dtype)
+        """The sum in ``dtype``; the accumulator is consumed (each block freed once rounded)."""
+        if len(self.blocks) == 1:
+            return self.blocks.pop().to(dtype)
+        first = self.blocks[0]
+        out = torch.empty((sum(b.shape[0] for b in self.blocks), first.shape[1]), dtype=dtype,
+                          device=first.device)  # fmt: skip
+        for i, rows in enumerate(out.split(self.rows)):
+            rows.copy_(self.blocks[i])
+            self.blocks[i] = None
+        return out
 
 
 class Projection:

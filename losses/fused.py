@@ -20,7 +20,9 @@ Precision. fp32/fp64 inputs are computed in their own dtype. bf16/fp16: the proj
 the input dtype with fp32 output where the backend has ``out_dtype`` (CUDA), else rounded to the
 input dtype and upcast (what a bf16 model head followed by a chunked loss computes); the loss and
 logit gradients are fp32; the weight gradient is accumulated across chunks in fp32 and cast to
-the weight's dtype once; the hidden-state gradient is a matmul in the input dtype.
+the weight's dtype once (its products are those of the logit gradient rounded to the input
+dtype, see :class:`kdtune.losses.engine.WeightGradAccumulator`); the hidden-state gradient is a
+matmul in the input dtype.
 
 Chunk size. ``chunk_size`` rows when given; otherwise as many rows as fit ``chunk_memory_mb``
 (default 1024 MiB) of fp32 vocabulary-sized temporaries (:func:`kdtune.losses.engine.rows_per_chunk`:
@@ -215,10 +217,11 @@ class FusedLinearKDLoss(EngineLoss):
         chunk_size: rows per chunk; when given it overrides ``num_chunks`` and the budget.
         chunk_memory_mb: budget for one chunk's fp32 vocabulary-sized temporaries.
         weight_grad_accumulation: ``"fp32"`` (default): a 16-bit weight's gradient is summed
-            over the chunks in fp32 and rounded once. ``"input_dtype"``: summed in the weight's
-            dtype, one bf16 matmul-accumulate per chunk, as Liger-Kernel and autograd over
-            torchtune's chunked head do: faster on CPUs with bf16 matrix units, less precise
-            (the measured cost is in benchmarks/README.md). No effect on fp32 weights.
+            over the chunks in fp32 (products of the logit gradient rounded to the weight's
+            dtype) and rounded once. ``"input_dtype"``: summed in the weight's dtype, one bf16
+            matmul-accumulate per chunk, as Liger-Kernel and autograd over torchtune's chunked
+            head do: faster on CPU (half the accumulator's memory traffic), less precise (the
+            measured cost is in benchmarks/README.md). No effect on fp32 weights.
 
     Example::
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdtune.losses.engine import WeightGradAccumulator
 from kdtune.losses.fused import FusedKDOutput, FusedLinearKDLoss, fused_linear_kd_loss
 
 IGNORE = -100
@@ -435,15 +436,20 @@ def _bf16_reference_grads(inputs: dict[str, Tensor], kd_ratio: float) -> tuple[T
 
 # Small: 128 accumulations of tiny fp32 matmuls. Large enough for oneDNN's bf16 matrix path on
 # CPUs that have one (the weight gradient's products then use the bf16-rounded logit gradient).
+# The fp32 sum is kept in row blocks of WeightGradAccumulator.ROW_BLOCK rows (one at this vocab
+# unless the block is made smaller).
 BF16_SHAPES = {
-    "many_small_chunks": (dict(batch=4, seq=64, vocab=96, dim=32, teacher_dim=24), 2),
-    "onednn_sized": (dict(batch=2, seq=256, vocab=4096, dim=256, teacher_dim=192), 128),
+    "many_small_chunks": (dict(batch=4, seq=64, vocab=96, dim=32, teacher_dim=24), 2, None),
+    "onednn_sized": (dict(batch=2, seq=256, vocab=4096, dim=256, teacher_dim=192), 128, None),
+    "row_blocks": (dict(batch=2, seq=256, vocab=4096, dim=256, teacher_dim=192), 128, 1000),
 }
 
 
 @pytest.mark.parametrize("shape", BF16_SHAPES)
-def test_bf16_matches_fp32_math_within_bf16_rounding(shape: str):
-    sizes, rows = BF16_SHAPES[shape]
+def test_bf16_matches_fp32_math_within_bf16_rounding(shape: str, monkeypatch):
+    sizes, rows, row_block = BF16_SHAPES[shape]
+    if row_block is not None:
+        monkeypatch.setattr(WeightGradAccumulator, "ROW_BLOCK", row_block)
     inputs = make_inputs(**sizes, dtype=torch.bfloat16)
     inputs.pop("student_bias")
     out = fused(FusedLinearKDLoss(chunk_size=rows), inputs, kd_ratio=0.5)
