@@ -10,8 +10,9 @@ hidden states and weight, and labels. Each builds its logits (or not) its own wa
 - ``torchtune_chunked``: torchtune's chunked head (``model.set_num_output_chunks(8)``:
   ``[output(c) for c in h.chunk(8, dim=1)]``) with ``ForwardKLWithChunkedOutputLoss(8)`` and
   ``CEWithChunkedOutputLoss(8)``, mixed as torchtune's KD recipe does.
-- ``kdtune_chunked``: the same chunked head with kdtune's forward KL, KD and CE of each chunk
-  from one engine call (``kd_and_ce``, as the recipe's chunked step does).
+- ``kdtune_chunked``: the same student chunks, the teacher's chunks as kdtune's recipe forms them
+  (2-D matmuls, ``kdtune.training.lm_head.chunked_logits``), and kdtune's forward KL, KD and CE
+  of each chunk from one engine call (``kd_and_ce``, as the recipe's chunked step does).
 - ``kdtune_fused``: :class:`kdtune.losses.fused.FusedLinearKDLoss` on the hidden states, with
   its default chunking (rows from the memory budget) unless ``--chunk-size`` is given.
 - ``kdtune_fused_lowp``: the same with ``weight_grad_accumulation="input_dtype"`` (a bf16
@@ -105,6 +106,16 @@ def _chunked_head(hidden: Tensor, weight: Tensor) -> list[Tensor]:
     return [F.linear(chunk, weight) for chunk in hidden.chunk(TORCHTUNE_CHUNKS, dim=1)]
 
 
+def _chunked_head_2d(hidden: Tensor, weight: Tensor) -> list[Tensor]:
+    """The same chunks as kdtune's recipe forms the teacher's (``lm_head.chunked_logits``): each
+    chunk projected as a 2-D ``[B * S_i, D]`` matrix (on CPU a no-grad bf16 3-D ``F.linear`` runs
+    as a batched matmul about 30x slower)."""
+    return [
+        F.linear(chunk.reshape(-1, chunk.shape[-1]), weight).view(*chunk.shape[:-1], -1)
+        for chunk in hidden.chunk(TORCHTUNE_CHUNKS, dim=1)
+    ]
+
+
 def full_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
     reference_losses = load_test_reference()
 
@@ -155,8 +166,8 @@ def kdtune_chunked_step(inputs: Inputs, rows: int) -> Callable[[], Tensor]:
 
     def step() -> Tensor:
         student = _chunked_head(inputs.student_hidden, inputs.student_weight)
-        with torch.no_grad():
-            teacher = _chunked_head(inputs.teacher_hidden, inputs.teacher_weight)
+        with torch.no_grad():  # the teacher's chunks as kdtune's recipe forms them
+            teacher = _chunked_head_2d(inputs.teacher_hidden, inputs.teacher_weight)
         loss = loss_fn.kd_and_ce(student, teacher, inputs.labels, kd_ratio=KD_RATIO).loss
         loss.backward()
         return loss.detach()

@@ -15,6 +15,7 @@ from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from kdtune.losses.fused import FusedLinearKDLoss
 from kdtune.training.lm_head import (
+    chunked_logits,
     forward_hidden,
     output_projection,
     release_output_projection,
@@ -108,6 +109,37 @@ def test_unembed_is_restored_even_when_forward_raises():
         forward_hidden(model, too_long)
     assert "unembed" not in vars(model)
     assert model(batch()[0]).shape == (2, 10, VOCAB)
+
+
+@pytest.mark.parametrize("kind", ["plain", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logits_are_the_model_chunks(kind, dtype):
+    """The teacher's chunks through 2-D matmuls: the model's own chunked output (3 uneven chunks
+    of a 10-token batch of 2, so each chunk is a non-contiguous [2, S_i, D] slice)."""
+    model = build(kind).to(dtype)
+    model.set_num_output_chunks(3)
+    tokens, _ = batch()
+    mask = torch.tril(torch.ones(10, 10, dtype=torch.bool)).expand(2, 10, 10)
+    with torch.no_grad():
+        expected = model(tokens, mask=mask)
+        chunks = chunked_logits(model, tokens, mask=mask)
+    assert (
+        [c.shape for c in chunks]
+        == [c.shape for c in expected]
+        == [(2, 4, VOCAB)] * 2 + [(2, 2, VOCAB)]
+    )
+    for ours, theirs in zip(chunks, expected, strict=True):
+        assert ours.dtype == theirs.dtype == dtype
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0 if dtype == torch.float32 else 2e-2)
+    assert "chunked_output" not in vars(model)
+
+
+def test_chunked_output_is_restored_even_when_forward_raises():
+    model = build("plain")
+    model.set_num_output_chunks(2)
+    with pytest.raises(ValueError, match="seq_len"):
+        chunked_logits(model, torch.zeros(1, TINY["max_seq_len"] + 1, dtype=torch.long))
+    assert "chunked_output" not in vars(model)
 
 
 def test_output_projection_returns_the_parameters_themselves():

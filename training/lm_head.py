@@ -82,6 +82,33 @@ def forward_hidden(model: nn.Module, tokens: Tensor, **forward_kwargs: Any) -> T
     return output[-1] if isinstance(output, list) else output
 
 
+def _chunked_output_2d(model: nn.Module, h: Tensor) -> list[Tensor]:
+    """torchtune's ``chunked_output`` with each chunk projected as a 2-D ``[B * S_i, D]`` matrix."""
+    chunks = h.chunk(model.num_output_chunks, dim=1)
+    return [model.output(c.reshape(-1, c.shape[-1])).view(*c.shape[:-1], -1) for c in chunks]
+
+
+def chunked_logits(model: nn.Module, tokens: Tensor, **forward_kwargs: Any) -> list[Tensor]:
+    """``model(tokens)`` of a model in chunked-output mode, each chunk projected as a 2-D matrix.
+
+    The same list of ``[B, S_i, V]`` chunks in the model's dtype as torchtune's
+    ``chunked_output`` (``model.output`` applied to ``h.chunk(num_output_chunks, dim=1)``), but
+    the output layer sees ``[B * S_i, D]``: on CPU a bf16 ``F.linear`` of a 3-D input that needs
+    no gradient (a teacher's, under ``no_grad``) runs as a batched matmul about 30x slower than
+    the same product on the 2-D view. Like :func:`forward_hidden`, the model runs through
+    ``model(...)`` (every hook, FSDP2's included) with ``chunked_output`` shadowed for the call,
+    so the output layer runs inside the forward, whatever its type (quantised, tied).
+    """
+    _check_decoder(model)
+    if "chunked_output" in vars(model):
+        raise ValueError("model.chunked_output is already overridden on the instance.")
+    model.chunked_output = lambda h: _chunked_output_2d(model, h)
+    try:
+        return model(tokens, **forward_kwargs)
+    finally:
+        del model.chunked_output
+
+
 def _projection_module(model: nn.Module) -> tuple[nn.Module, Tensor | None]:
     """The module whose ``weight`` is the projection, and the projection's bias."""
     output = model.output

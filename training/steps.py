@@ -23,7 +23,12 @@ from torchtune import config
 from kdtune.losses import TopKTeacher
 from kdtune.training import parallel
 from kdtune.training.guard import NonFiniteGuard, step_is_finite
-from kdtune.training.lm_head import forward_hidden, output_projection, release_output_projection
+from kdtune.training.lm_head import (
+    chunked_logits,
+    forward_hidden,
+    output_projection,
+    release_output_projection,
+)
 
 
 @dataclass
@@ -69,7 +74,7 @@ class ChunkedLossStep:
             teacher_logits = teacher
         elif teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(tokens, **model_kwargs)
+                teacher_logits = chunked_logits(teacher, tokens, **model_kwargs)
         if teacher is not None and hasattr(self.kd_loss, "kd_and_ce"):
             out = self.kd_loss.kd_and_ce(
                 student_logits,
