@@ -223,13 +223,12 @@ class WeightGradAccumulator:
         dtype = weight.dtype if self.lowp else torch.promote_types(weight.dtype, torch.float32)
         # An fp32 sum of a 16-bit weight is kept in row blocks, each freed as soon as it is
         # rounded (see result): the rounding then adds one block, not the whole gradient.
-        rows = self.ROW_BLOCK if dtype != weight.dtype else weight.shape[0]
+        vocab, dim = weight.shape
+        self.rows = self.ROW_BLOCK if dtype != weight.dtype else vocab
         self.blocks: list[Tensor | None] = [
-            torch.zeros((len(range(start, min(start + rows, weight.shape[0]))), weight.shape[1]),
-                        dtype=dtype, device=weight.device)
-            for start in range(0, weight.shape[0], rows)
-        ]  # fmt: skip
-        self.rows = rows
+            torch.zeros(min(self.rows, vocab - start), dim, dtype=dtype, device=weight.device)
+            for start in range(0, vocab, self.rows)
+        ]
         self._lowp_out_fp32 = _supports_fp32_out_dtype(weight)
         self._cpu_bf16_math = _cpu_has_bf16_matmul(weight)
 
@@ -258,8 +257,8 @@ class WeightGradAccumulator:
         if len(self.blocks) == 1:
             return self.blocks.pop().to(dtype)
         first = self.blocks[0]
-        out = torch.empty((sum(b.shape[0] for b in self.blocks), first.shape[1]), dtype=dtype,
-                          device=first.device)  # fmt: skip
+        vocab = sum(block.shape[0] for block in self.blocks)
+        out = torch.empty(vocab, first.shape[1], dtype=dtype, device=first.device)
         for i, rows in enumerate(out.split(self.rows)):
             rows.copy_(self.blocks[i])
             self.blocks[i] = None
