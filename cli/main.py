@@ -26,14 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdtune.cli.registry import (
+from kdtune.cli.registry import list_recipes, resolve_recipe
+from kdtune.training.config.loading import (
     UnknownNameError,
     config_recipe,
     list_configs,
-    list_recipes,
     load_config,
     resolve_config,
-    resolve_recipe,
 )
 
 
@@ -166,7 +165,7 @@ def _cp(args: argparse.Namespace) -> int:
 
 
 def _add_validate_arguments(parser: argparse.ArgumentParser) -> None:
-    from kdtune.training.config_schema import help_text
+    from kdtune.training.config.schema import help_text
 
     parser.add_argument("--config", required=True, help="config name (kdtune ls) or YAML path")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

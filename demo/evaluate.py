@@ -33,14 +33,15 @@ from kdtune.demo.metrics import (
 )
 from kdtune.demo.task import ChainTask, parse_record, sample_answer
 from kdtune.demo.tokenizer import WordTokens
-from kdtune.training.checkpointing import MODEL_DIRNAME, latest_checkpoint
-from kdtune.training.config_checks import describe_model
+from kdtune.training.checkpoint.layout import MODEL_DIRNAME
+from kdtune.training.checkpoint.resume import latest_checkpoint
 from kdtune.training.generation import (
     SamplingOptions,
     generate,
     prompt_tokens,
     row_seed,
 )
+from kdtune.training.model_facts import describe_model
 from kdtune.training.runtime import load_student_weights
 
 EVAL_BATCH_SIZE = 100

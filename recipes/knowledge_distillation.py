@@ -33,14 +33,11 @@ from tqdm import tqdm
 
 from kdtune import __version__
 from kdtune.teacher_cache import source as teacher_cache
-from kdtune.training import checkpointing as ckpt
-from kdtune.training import console, parallel, process_group, state_dicts
-from kdtune.training.config_checks import (
-    check_config,
-    kd_vocab_columns,
-    normalize_null_components,
-)
-from kdtune.training.config_schema import with_defaults
+from kdtune.training import console, parallel, process_group
+from kdtune.training.adapters import freeze_all_but_adapters
+from kdtune.training.checkpoint import resume, save, state_dicts
+from kdtune.training.config.nodes import kd_vocab_columns
+from kdtune.training.config.rules import check_config
 from kdtune.training.data import (
     batch_to_device,
     count_loss_tokens,
@@ -51,6 +48,7 @@ from kdtune.training.data import (
     steps_per_epoch,
 )
 from kdtune.training.guard import SKIPPED_KEY, NonFiniteGuard
+from kdtune.training.loss_setup import build_loss_step
 from kdtune.training.metrics import (
     MetricsWriter,
     PendingStep,
@@ -63,10 +61,8 @@ from kdtune.training.on_policy import on_policy_rollout
 from kdtune.training.preflight import preflight
 from kdtune.training.runtime import (
     Runtime,
-    build_loss_step,
     build_model,
     finish_teacher,
-    freeze_all_but_adapters,
     load_weights,
     memory_stats_reader,
     prepare_student,
@@ -93,8 +89,7 @@ class KDRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        check_config(cfg)
-        cfg = with_defaults(normalize_null_components(cfg))
+        cfg = check_config(cfg)  # the one config pass of the launch; preflight does the rest
         self._cfg = cfg
         self._runtime: Runtime = setup_runtime(cfg)
         self._output_dir = Path(cfg.output_dir)
@@ -117,11 +112,11 @@ class KDRecipe(FTRecipeInterface):
         """
         cfg = self._cfg
         runtime = self._runtime
-        resume_folder, resumed, self._lineage = ckpt.read_resume_state(
+        resume_folder, resumed, self._lineage = resume.read_resume_state(
             cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main
         )
         if resumed is not None:
-            seed = ckpt.saved_seed(resumed, cfg.seed)
+            seed = resume.saved_seed(resumed, cfg.seed)
             self.seed = set_determinism(seed, cfg.deterministic, runtime.device)
             self._guard.resumed(resume_folder, resumed["progress"])
 
@@ -174,8 +169,8 @@ class KDRecipe(FTRecipeInterface):
             | parameter_memory
         )
         if resumed is not None:
-            rng = ckpt.rank_rng_state(resumed["rng"], runtime.rank)
-            ckpt.restore_rng_state(rng, runtime.device)
+            rng = resume.rank_rng_state(resumed["rng"], runtime.rank)
+            resume.restore_rng_state(rng, runtime.device)
         start = f"resumed at step {self.global_step}" if resumed is not None else "fresh run"
         log.info(
             f"Setup done: {'LoRA' if self._is_lora else 'full'} student, "
@@ -190,14 +185,9 @@ class KDRecipe(FTRecipeInterface):
         self._checkpointer = config.instantiate(cfg.checkpointer)
         model = build_model(cfg.model, runtime.dtype)
         self._is_lora = freeze_all_but_adapters(model)
-        if cfg.save_adapter_weights_only and not self._is_lora:
-            raise ValueError(
-                "save_adapter_weights_only = true needs a LoRA/DoRA student (a lora_* model "
-                "builder): set it to false for a full-parameter student"
-            )
         state = None
         if runtime.is_main:
-            state = ckpt.student_start_state(
+            state = resume.student_start_state(
                 cfg.checkpointer, self._checkpointer, model, resume_folder, seed=self.seed
             )
         prepare_student(
@@ -266,7 +256,7 @@ class KDRecipe(FTRecipeInterface):
 
     def _restore_progress(self, resumed: dict[str, Any]) -> None:
         """Progress counters and the data-loader position of a resumed run."""
-        self.global_step, self.epoch, self.steps_in_epoch = ckpt.resumed_progress(
+        self.global_step, self.epoch, self.steps_in_epoch = resume.resumed_progress(
             resumed, self._run_invariants(), self._steps_per_epoch
         )
         if self.steps_in_epoch > 0:
@@ -421,14 +411,14 @@ class KDRecipe(FTRecipeInterface):
         optimizer_state = state_dicts.gather_full_optimizer_state_dict(
             self._student, self._optimizer
         )
-        rng = process_group.gather_objects(ckpt.capture_rng_state(self._runtime.device))
+        rng = process_group.gather_objects(resume.capture_rng_state(self._runtime.device))
         folder = None
         if self._runtime.is_main:
-            folder = ckpt.save_step_checkpoint(
+            folder = save.save_step_checkpoint(
                 self._output_dir,
                 self.global_step,
                 checkpointer=self._checkpointer,
-                weights=ckpt.weights_to_save(
+                weights=save.weights_to_save(
                     self._student, state, is_lora=self._is_lora, adapter_only=adapter_only
                 ),
                 adapter_only=adapter_only,

@@ -52,8 +52,8 @@ def _prune(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from kdtune.cli.registry import load_config, resolve_config
     from kdtune.smollm2.evaluate import evaluate_models
+    from kdtune.training.config.loading import load_config, resolve_config
 
     parser = argparse.ArgumentParser(
         prog="kdtune smollm2 eval",

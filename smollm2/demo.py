@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.smollm2.convert import setup_teacher
 from kdtune.smollm2.evaluate import CHAT_PROMPTS, evaluate_models
 from kdtune.smollm2.prune import first_and_last, prune_layers
 from kdtune.smollm2.text import write_text_data
 from kdtune.smollm2.tokenizer import SmolLM2Tokenizer
+from kdtune.training.config.loading import load_config, resolve_config
 
 DEFAULT_DIR = Path("./kdtune_real")
 ARMS = {"ce": "smollm2/135M_prune15_ce", "kd": "smollm2/135M_prune15_kd"}

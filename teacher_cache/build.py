@@ -58,10 +58,13 @@ from kdtune.teacher_cache.manifest import (
     write_json_atomic,
 )
 from kdtune.teacher_cache.topk import topk_logprobs
-from kdtune.training import state_dicts
-from kdtune.training.config_checks import ConfigError, check_config, describe_model
+from kdtune.training.checkpoint import state_dicts
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.loading import load_config, resolve_config
+from kdtune.training.config.rules import check_config
 from kdtune.training.data import build_dataset, sft_collate, shift_labels
 from kdtune.training.lm_head import forward_hidden, output_projection
+from kdtune.training.model_facts import describe_model
 from kdtune.training.runtime import build_model, finish_teacher
 
 log = utils.get_logger("INFO")
@@ -438,8 +441,6 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kdtune.teacher_cache --config X teacher_cache=DIR`` (what torchrun runs)."""
-    from kdtune.cli.registry import load_config, resolve_config
-
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(resolve_config(args.config), overrides)
     started = time.perf_counter()

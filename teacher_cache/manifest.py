@@ -26,7 +26,8 @@ from typing import Any
 from huggingface_hub.utils.sha import sha_fileobj
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kdtune.training.config_checks import ConfigError, checkpoint_files, component_options
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.nodes import checkpoint_files, component_options
 
 MANIFEST = "manifest.json"
 FORMAT = "kdtune-teacher-cache"

@@ -18,8 +18,9 @@ from torch.utils.data import Dataset
 from kdtune.teacher_cache.manifest import check_manifest, data_identity, kd_options, read_manifest
 from kdtune.teacher_cache.reader import TeacherCache
 from kdtune.teacher_cache.topk import TopKTeacher
-from kdtune.training.config_checks import ConfigError, describe_model
+from kdtune.training.config.errors import ConfigError
 from kdtune.training.data import SAMPLE_INDEX
+from kdtune.training.model_facts import describe_model
 
 
 def open_for_training(cfg: DictConfig) -> TeacherCache | None:

@@ -20,21 +20,18 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training import checkpointing
-from kdtune.training.checkpointing import (
+from kdtune.training.checkpoint import resume, save
+from kdtune.training.checkpoint.layout import (
     MANIFEST_FILENAME,
     TRAINING_STATE_FILENAME,
     CheckpointError,
     CheckpointSaveError,
     complete_checkpoints,
-    latest_checkpoint,
-    prune_checkpoints,
     read_manifest,
-    read_resume_state,
-    resolve_resume,
-    save_checkpoint_folder,
     step_dirname,
 )
+from kdtune.training.checkpoint.resume import latest_checkpoint, read_resume_state, resolve_resume
+from kdtune.training.checkpoint.save import prune_checkpoints, save_checkpoint_folder
 from kdtune.training.metrics import MetricsWriter, read_metrics
 from kdtune.training.runtime import NonFiniteWeightsError
 
@@ -62,14 +59,14 @@ def small_state(tag: str) -> dict:
 
 def save_small(output_dir: Path, step: int, run_id: str, parent: Path | None = None) -> Path:
     """Save step ``step`` of run ``run_id`` (resumed from ``parent``, or fresh)."""
-    lineage = {"run_id": run_id, "parent": checkpointing.new_run_lineage(parent)["parent"]}
+    lineage = {"run_id": run_id, "parent": resume.new_run_lineage(parent)["parent"]}
     return save_checkpoint_folder(
         output_dir, step, write_small_weights, small_state(f"{run_id}:{step}"), lineage
     )
 
 
 def tag_of(folder: Path) -> str:
-    return checkpointing.load_training_state(folder)["progress"]["tag"]
+    return resume.load_training_state(folder)["progress"]["tag"]
 
 
 def step_folder(output_dir: Path, step: int) -> Path:
@@ -363,7 +360,7 @@ def test_resume_falls_back_past_a_truncated_state_and_a_torn_metrics_line(tiny_a
     assert any("torn last line" in m for m in messages)
     assert setup_steps(run_a) == [0, 6]
     assert [r["step"] for r in read_metrics(run_a, kind="train")] == list(range(1, 9))
-    assert checkpointing.load_checked_training_state(step_folder(run_a, 8))  # saved again, whole
+    assert resume.load_checked_training_state(step_folder(run_a, 8))  # saved again, whole
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,8 +420,8 @@ def test_a_stream_error_on_a_full_disk_and_other_os_errors(tmp_path, monkeypatch
     def stream_error(payload, path):  # what torch.save raises when the disk fills
         raise RuntimeError("basic_ios::clear: iostream error")
 
-    monkeypatch.setattr(checkpointing, "_torch_save_atomic", stream_error)
-    monkeypatch.setattr(checkpointing, "_free_bytes", lambda folder: 4096)
+    monkeypatch.setattr(save, "_torch_save_atomic", stream_error)
+    monkeypatch.setattr(save, "_free_bytes", lambda folder: 4096)
     with pytest.raises(
         CheckpointSaveError, match=r"^disk full while writing checkpoint step_0000001"
     ):
@@ -433,14 +430,14 @@ def test_a_stream_error_on_a_full_disk_and_other_os_errors(tmp_path, monkeypatch
     def io_error(payload, path):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(checkpointing, "_torch_save_atomic", io_error)
-    monkeypatch.setattr(checkpointing, "_free_bytes", lambda folder: 2**40)
+    monkeypatch.setattr(save, "_torch_save_atomic", io_error)
+    monkeypatch.setattr(save, "_free_bytes", lambda folder: 2**40)
     with pytest.raises(
         CheckpointSaveError, match=r"could not write checkpoint step_0000001 .*Input/"
     ):
         save_small(tmp_path, 1, "a")
     with pytest.raises(RuntimeError, match="basic_ios"):  # plenty of space: not a disk problem
-        monkeypatch.setattr(checkpointing, "_torch_save_atomic", stream_error)
+        monkeypatch.setattr(save, "_torch_save_atomic", stream_error)
         save_small(tmp_path, 1, "a")
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
@@ -452,7 +449,7 @@ def test_a_stream_error_on_a_full_disk_and_other_os_errors(tmp_path, monkeypatch
 
 def test_a_kill_while_resaving_a_step_keeps_the_old_checkpoint(tiny_assets, run_a, monkeypatch):
     """Run B resumes step 2 and is killed while writing its step 4 over A's: A's stays."""
-    real_write = checkpointing.write_hf_weights
+    real_write = save.write_hf_weights
 
     def killed(*args, **kwargs) -> None:  # the weights half-written, then the process dies
         real_write(*args, **kwargs)
@@ -460,14 +457,14 @@ def test_a_kill_while_resaving_a_step_keeps_the_old_checkpoint(tiny_assets, run_
         next(staging.rglob("*.safetensors")).write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpointing, "write_hf_weights", killed)
+    monkeypatch.setattr(save, "write_hf_weights", killed)
     step_4 = step_folder(run_a, 4)
     before = read_manifest(step_4)
     with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="abandons"):
         run_recipe(tiny_assets, run_a, "save_every_n_steps=2",
                    f"resume_from_checkpoint={step_folder(run_a, 2)}")  # fmt: skip
     assert read_manifest(step_4) == before
-    assert checkpointing.load_checked_training_state(step_4)
+    assert resume.load_checked_training_state(step_4)
     assert not list((run_a / "checkpoints").glob(".staging_*"))
 
 
@@ -481,7 +478,7 @@ def test_an_aside_folder_left_by_a_kill_is_resumed_and_replaced(tiny_assets, run
         step_dirname(step) for step in (2, 4, 6, 8)
     ]
     assert read_manifest(step_8)["save_seq"] == 5
-    assert checkpointing.load_checked_training_state(step_8)
+    assert resume.load_checked_training_state(step_8)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 
 from kdtune.cli import main as cli
-from kdtune.cli.registry import (
+from kdtune.cli.registry import list_recipes, resolve_recipe
+from kdtune.training.config.loading import (
     CONFIG_DIR,
     UnknownNameError,
     config_recipe,
     list_configs,
-    list_recipes,
     load_config,
     resolve_config,
-    resolve_recipe,
 )
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

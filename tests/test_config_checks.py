@@ -9,22 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_helpers import check_config_and_models, check_models
 from omegaconf import DictConfig, OmegaConf
 from torchtune.models.llama3 import llama3_tokenizer
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 
 from kdtune.cli.main import main as kdtune_main
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.config_checks import (
-    ConfigError,
-    ModelFacts,
-    check_config,
-    check_config_and_models,
-    check_models,
-    describe_model,
-    tokenizer_max_id,
-)
-from kdtune.training.config_schema import FIELDS, is_required, markdown_table, with_defaults
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.rules import check_config
+from kdtune.training.config.schema import FIELDS, is_required, markdown_table, with_defaults
+from kdtune.training.model_facts import ModelFacts, describe_model, tokenizer_max_id
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -83,7 +78,7 @@ BAD_VALUES = [
     # values only the component itself can judge: reported by building it before the models
     (["optimizer.lr=fast"], ["optimizer: torch.optim.AdamW rejects its options"]),
     (["optimizer.weight_decay=-1.0"], ["optimizer:", "weight_decay"]),
-    (["kd_loss.topk_mode=sparse"], ["kd_loss:", "topk_mode", "'sparse'"]),
+    (["kd_loss.topk_mode=sparse"], ["kd_loss.topk_mode", "'sparse'"]),
     (["lr_scheduler.num_warmup_steps=abc"], ["lr_scheduler:", "rejects its options"]),
     (["batch_size=0"], ["batch_size", "0", ">= 1"]),
     (["gradient_accumulation_steps=two"], ["gradient_accumulation_steps", "'two'"]),

@@ -11,18 +11,15 @@ import warnings
 from pathlib import Path
 
 import pytest
+from config_helpers import check_models, loss_chunks
 from omegaconf import OmegaConf
 from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 
-from kdtune.training.config_checks import (
-    ConfigError,
-    check_config,
-    check_models,
-    describe_model,
-    is_fused_loss,
-    loss_chunks,
-)
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.nodes import is_fused_loss
+from kdtune.training.config.rules import check_config
+from kdtune.training.model_facts import describe_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REAL_SIZE_NAMES = (

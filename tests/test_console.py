@@ -18,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from kdtune.training import console
-from kdtune.training.config_checks import ConfigError
+from kdtune.training.config.errors import ConfigError
 from kdtune.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ from kdtune.demo.pipeline import (
 from kdtune.demo.runner import demo_config
 from kdtune.demo.table import markdown_table
 from kdtune.demo.workspace import prepare_workspace
-from kdtune.training.config_checks import check_config
+from kdtune.training.config.rules import check_config
 from kdtune.training.on_policy import on_policy_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")

@@ -30,7 +30,7 @@ from kdtune.demo.workspace import (
     prepare_workspace,
     read_teacher_manifest,
 )
-from kdtune.training.config_checks import check_config
+from kdtune.training.config.rules import check_config
 
 NUM_HELD_OUT = 150  # a slice of the held-out answers keeps these tests fast
 

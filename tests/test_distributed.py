@@ -23,7 +23,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torchtune.models.llama3 import llama3, lora_llama3
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import data, metrics, parallel, process_group, state_dicts
+from kdtune.training import data, metrics, parallel, process_group
+from kdtune.training.checkpoint import state_dicts
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_workers" / "fsdp_checks.py"

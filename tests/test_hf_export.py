@@ -27,16 +27,15 @@ from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.assets.models import lora_tiny_student, tiny_student
 from kdtune.demo.evaluate import resolve_checkpoint_dir
-from kdtune.training.checkpointing import (
+from kdtune.training.checkpoint.layout import (
     ADAPTER_DIRNAME,
     ADAPTER_FILENAME,
     MANIFEST_FILENAME,
     MODEL_DIRNAME,
     TRAINING_STATE_FILENAME,
-    latest_checkpoint,
-    weights_to_save,
-    write_hf_weights,
 )
+from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.checkpoint.save import weights_to_save, write_hf_weights
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -350,7 +349,7 @@ def test_model_types_without_a_peft_mapping_are_refused_before_loading():
 
     from torchtune.training.checkpointing._utils import ModelType
 
-    from kdtune.training.hf_export import check_peft_export
+    from kdtune.training.checkpoint.hf_export import check_peft_export
 
     with pytest.raises(ValueError, match=r"checkpointer.model_type = PHI3_MINI"):
         check_peft_export(SimpleNamespace(_model_type=ModelType.PHI3_MINI))

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.checkpointing import complete_checkpoints
+from kdtune.training.checkpoint.layout import complete_checkpoints
+from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.guard import NonFiniteError, NoTargetTokensError
 from kdtune.training.metrics import read_metrics
 

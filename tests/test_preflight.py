@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from kdtune.training.config_checks import Problems, describe_model
+from kdtune.training.config.errors import Problems
 from kdtune.training.metrics import SETUP_FIELDS, read_metrics
+from kdtune.training.model_facts import describe_model
 from kdtune.training.preflight import check_run
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

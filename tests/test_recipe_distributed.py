@@ -29,16 +29,11 @@ from safetensors.torch import load_file
 from torchtune import training
 from torchtune.training import FullModelHFCheckpointer
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.checkpointing import (
-    ADAPTER_DIRNAME,
-    MODEL_DIRNAME,
-    latest_checkpoint,
-    load_training_state,
-    read_manifest,
-)
-from kdtune.training.config_checks import ConfigError
+from kdtune.training.checkpoint.layout import ADAPTER_DIRNAME, MODEL_DIRNAME, read_manifest
+from kdtune.training.checkpoint.resume import latest_checkpoint, load_training_state
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.data import build_dataloader
 from kdtune.training.metrics import MEMORY_FIELDS, SETUP_FIELDS, TRAIN_FIELDS, read_metrics
 from kdtune.training.runtime import SINGLE_PROCESS, sharding_options

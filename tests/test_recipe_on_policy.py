@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.checkpointing import latest_checkpoint
-from kdtune.training.config_checks import ConfigError
+from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.generation import is_on_policy_step
 from kdtune.training.metrics import read_metrics
 

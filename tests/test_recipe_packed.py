@@ -10,10 +10,10 @@ import torch
 from torchtune.data import padded_collate_packed, padded_collate_sft
 
 from kdtune.assets.models import tiny_student, tiny_teacher
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.losses import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
 from kdtune.losses.fused import FusedLinearKDLoss
 from kdtune.recipes.knowledge_distillation import KDRecipe
+from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.data import count_loss_tokens, model_inputs, shift_labels
 from kdtune.training.metrics import read_metrics
 from kdtune.training.steps import ChunkedLossStep, FusedLossStep

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
+from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")

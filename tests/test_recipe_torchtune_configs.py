@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchtune
+from config_helpers import check_config_and_models
 from omegaconf import OmegaConf
 from torchtune.modules.loss import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
 
-from kdtune.cli.registry import load_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.config_checks import check_config_and_models
+from kdtune.training.config.loading import load_config
+from kdtune.training.loss_setup import StepNormalized
 from kdtune.training.metrics import read_metrics
-from kdtune.training.runtime import StepNormalized
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 

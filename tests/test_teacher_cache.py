@@ -17,13 +17,13 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.teacher_cache.build import BUILD_STATS, BuildOptions, build_teacher_cache
 from kdtune.teacher_cache.encoding import TopKCodec, knot_ranks, pack_ids, unpack_ids
 from kdtune.teacher_cache.reader import TeacherCache
 from kdtune.teacher_cache.source import open_for_training
 from kdtune.teacher_cache.topk import topk_logprobs
-from kdtune.training.config_checks import ConfigError
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.data import (
     IndexedDataset,
     build_dataset,

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torchtune.training import FullModelHFCheckpointer
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.teacher_cache.build import BUILD_STATS, BuildOptions, build_teacher_cache
-from kdtune.training.checkpointing import latest_checkpoint
+from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

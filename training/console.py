@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdtune.training import process_group
-from kdtune.training.config_checks import ConfigError
+from kdtune.training.config.errors import ConfigError
 from kdtune.training.guard import TrainingStopped
 
 LOGS_DIRNAME = "logs"

@@ -24,7 +24,7 @@ from torchtune import config
 from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.datasets import ConcatDataset
 
-from kdtune.training.config_checks import ConfigError
+from kdtune.training.config.errors import ConfigError
 
 Batch = dict[str, Tensor]
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from kdtune.training.checkpoint.layout import checkpoints_root, step_dirname
 from kdtune.training.process_group import all_reduce_sum
 
 SKIPPED_KEY = "non_finite_skipped"
@@ -76,9 +77,6 @@ class NonFiniteGuard:
 
     def saved(self, folder: Path | None, output_dir: str | Path, step: int) -> None:
         """A checkpoint of ``step`` was saved (rank 0 has its ``folder``, the others None)."""
-        # Imported here: checkpointing imports the runtime, whose loss steps import this module.
-        from kdtune.training.checkpointing import checkpoints_root, step_dirname
-
         self.last_checkpoint = folder or checkpoints_root(output_dir) / step_dirname(step)
         self.last_checkpoint_step = step
 

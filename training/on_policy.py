@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from kdtune.training.config.schema import block_problems, block_values
 from kdtune.training.generation import (
     SamplingOptions,
     completion_batch,
@@ -45,8 +46,6 @@ from kdtune.training.generation import (
 from kdtune.training.process_group import all_reduce_sum
 
 SAMPLE_INDEX = "sample_index"
-SOURCES = ("student", "teacher")
-KEYS = ("fraction", "max_new_tokens", "temperature", "top_k", "top_p", "source")
 
 
 @dataclass(frozen=True)
@@ -61,41 +60,27 @@ class OnPolicySettings:
 def on_policy_settings(node: DictConfig | dict | None) -> OnPolicySettings | None:
     """Parse and check the ``on_policy`` block; None when absent or ``fraction`` is 0.
 
+    The keys, their defaults and ranges are the schema's
+    (:class:`kdtune.training.config.schema.OnPolicyConfig`).
+
     Raises:
-        ValueError: naming the ``on_policy.<key>`` at fault and the accepted values.
+        ValueError: naming each ``on_policy.<key>`` at fault and the accepted values.
     """
     if node is None:
         return None
-    node = dict(node)
-    unknown = sorted(set(node) - set(KEYS))
-    if unknown:
-        raise ValueError(f"on_policy has unknown key(s) {unknown}; the keys are {list(KEYS)}")
-    fraction = node.get("fraction", 0.0)
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-        raise ValueError(f"on_policy.fraction must be a number in [0, 1], got {fraction!r}")
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"on_policy.fraction must be in [0, 1], got {fraction}")
-    source = node.get("source", "student")
-    if source not in SOURCES:
-        raise ValueError(f"on_policy.source must be one of {list(SOURCES)}, got {source!r}")
-    if "max_new_tokens" not in node:
-        raise ValueError("on_policy.max_new_tokens is required (the most tokens per completion)")
-    sampling = SamplingOptions(
-        max_new_tokens=_int(node, "max_new_tokens"),
-        temperature=float(node.get("temperature", 1.0)),
-        top_k=None if node.get("top_k") is None else _int(node, "top_k"),
-        top_p=None if node.get("top_p") is None else float(node["top_p"]),
-    )
-    if fraction == 0.0:
+    problems = block_problems("on_policy", node)
+    if problems:
+        raise ValueError("; ".join(message for _, message in problems))
+    values = block_values("on_policy", node)
+    if values["fraction"] == 0.0:
         return None
-    return OnPolicySettings(float(fraction), sampling, source)
-
-
-def _int(node: dict, key: str) -> int:
-    value = node[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"on_policy.{key} must be an integer, got {value!r}")
-    return value
+    sampling = SamplingOptions(
+        max_new_tokens=values["max_new_tokens"],
+        temperature=float(values["temperature"]),
+        top_k=values["top_k"],
+        top_p=None if values["top_p"] is None else float(values["top_p"]),
+    )
+    return OnPolicySettings(float(values["fraction"]), sampling, values["source"])
 
 
 def sft_dataset(dataset: Any) -> Any:

@@ -20,6 +20,7 @@ this is not ``torchtune.training.shard_model``, which takes neither.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -223,3 +224,8 @@ def local_parameter_bytes(model: nn.Module) -> int:
         local = param.to_local() if isinstance(param, DTensor) else param
         total += local.numel() * local.element_size()
     return total
+
+
+def compile_backend() -> str:
+    """``TORCH_COMPILE_BACKEND`` (torchtune's convention), default ``inductor``."""
+    return os.environ.get("TORCH_COMPILE_BACKEND", "inductor")

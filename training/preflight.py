@@ -23,69 +23,33 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 from torchtune import config, utils
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
-from tqdm import tqdm
 
 from kdtune.teacher_cache import source as teacher_cache
-from kdtune.training.config_checks import (
+from kdtune.training.config.errors import ConfigError, Problems
+from kdtune.training.config.nodes import kd_vocab_columns
+from kdtune.training.config.rules import config_problems
+from kdtune.training.data import steps_per_epoch
+from kdtune.training.data_scan import DataScan, judge_scan, scan_dataset
+from kdtune.training.metrics import MetricsWriter
+from kdtune.training.model_facts import (
     HF_ARCHITECTURE_FIELDS,
-    ConfigError,
     ModelFacts,
-    Problems,
-    config_problems,
     describe_model,
-    model_problems,
     tokenizer_max_id,
 )
-from kdtune.training.data import build_dataset_node, data_source, steps_per_epoch
-from kdtune.training.metrics import MetricsWriter
-from kdtune.training.on_policy import OnPolicySettings, check_answers, on_policy_settings
+from kdtune.training.on_policy import on_policy_settings
 
 log = utils.get_logger("INFO")
 
-DATA_RECORD_KIND = "data"
-"""``metrics.jsonl`` kind of a dataset scan's figures (one record per scanned dataset node)."""
 
 PREFLIGHT = "before loading any weights"
 """The phase named by the preflight's error message."""
-
-_SHOWN_RECORDS = 3  # record indices named per kind of bad record
-
-
-@dataclass
-class DataScan:
-    """Figures of one dataset node, tokenized as the run tokenizes it (``tokens``/``labels``
-    lists of each sample; a target is a label the shifted loss counts, ``labels[1:] !=
-    ignore``)."""
-
-    dataset: str  # the config key: dataset, dataset[1], validation_dataset
-    source: str  # its file(s), or its Hub source
-    num_samples: int = 0
-    target_tokens: int = 0
-    truncated_samples: int = 0  # reach tokenizer.max_seq_len (cut there)
-    samples_without_target: int = 0
-    longest_sample: int = 0
-    longest_sample_index: int = -1
-    student_context: int | None = None
-    teacher_context: int | None = None
-
-    def record(self, step: int) -> dict[str, Any]:
-        """The ``metrics.jsonl`` record (kind :data:`DATA_RECORD_KIND`)."""
-        return {"kind": DATA_RECORD_KIND, "step": step, **asdict(self)}
-
-    def summary(self) -> str:
-        return (
-            f"{self.dataset}: {self.num_samples:,} samples, {self.target_tokens:,} target "
-            f"tokens, {self.truncated_samples} cut at tokenizer.max_seq_len, "
-            f"{self.samples_without_target} without a target, longest {self.longest_sample} "
-            f"tokens (context {self.student_context})"
-        )
 
 
 @dataclass
@@ -114,7 +78,15 @@ def check_run(cfg: DictConfig, *, scan_data: bool = True, show_progress: bool = 
         show_progress: a tqdm bar per scanned dataset.
     """
     problems = Problems()
-    cfg = config_problems(cfg, problems)
+    checked = config_problems(cfg, problems)
+    return _check_after_config(checked, problems, scan_data, show_progress)
+
+
+def _check_after_config(
+    cfg: DictConfig, problems: Problems, scan_data: bool, show_progress: bool
+) -> Report:
+    """The phases after the config's own (models, checkpoints, cache, tokenizer, data) on the
+    checked config (:func:`~kdtune.training.config.rules.config_problems`' copy)."""
     report = Report(problems)
     report.student = _guarded(problems, _describe, cfg, "model", problems)
     if cfg.get("teacher_model") is not None:
@@ -145,7 +117,8 @@ def preflight(
     *,
     is_main: bool = True,
 ) -> tuple[Any, Any]:
-    """The recipe's preflight: :func:`check_run`, raising every problem at once. Every process
+    """The recipe's preflight: :func:`check_run` after the config phase (the recipe's
+    constructor ran it: ``cfg`` is its checked copy), raising every problem at once. Every process
     of a multi-process run runs it (the same data, the same verdict: no rank waits for another
     that failed); the main one shows the scan's progress bar, issues the warnings, and logs
     each dataset's figures in one line and to ``metrics`` (kind ``"data"``, at the step the
@@ -158,7 +131,7 @@ def preflight(
     Raises:
         ConfigError: every problem, one per line, each naming key (file, record) and fix.
     """
-    report = check_run(cfg, show_progress=is_main)
+    report = _check_after_config(cfg, Problems(), scan_data=True, show_progress=is_main)
     report.problems.raise_if_any(PREFLIGHT)
     if not is_main:
         return report.tokenizer, report.cache
@@ -311,7 +284,7 @@ def _scan_all(
         scan.student_context = report.student.max_seq_len if report.student else None
         scan.teacher_context = report.teacher.max_seq_len if report.teacher else None
         prompt_only = train and on_policy is not None and on_policy.fraction >= 1
-        _judge(cfg, key, scan, context, problems, may_lack_targets=prompt_only)
+        judge_scan(cfg, key, scan, context, problems, may_lack_targets=prompt_only)
         scans.append(scan)
     _check_training_size(
         cfg, report, [s for s in scans if s.dataset != "validation_dataset"], problems
@@ -351,120 +324,59 @@ def _check_training_size(
         )
 
 
-def scan_dataset(
-    key: str,
-    node: DictConfig,
-    tokenizer: Any,
-    problems: Problems,
-    *,
-    show_progress: bool,
-    on_policy: OnPolicySettings | None = None,
-) -> DataScan | None:
-    """Build ``node`` (unpacked: a packed node's samples) and tokenize each sample once.
-
-    Records that cannot be read (a missing column, a value the transform rejects) are
-    problems naming the record index, the file and the key; None when the data cannot be
-    loaded at all. With ``on_policy`` (some steps off-policy) every record needs an answer.
-    """
-    if node.get("packed", False):
-        node = node.copy()
-        node.packed = False
-    try:
-        dataset = build_dataset_node(key, node, tokenizer)
-    except ConfigError as error:
-        problems.error(str(error), key)
-        return None
-    if on_policy is not None:
-        try:
-            check_answers(dataset, on_policy, key=key)
-        except ValueError as error:
-            problems.error(str(error), "on_policy")
-    scan = DataScan(dataset=key, source=data_source(node))
-    max_len = getattr(tokenizer, "max_seq_len", None)
-    bad: dict[str, list[int]] = {}
-    for index in tqdm(
-        range(len(dataset)),
-        desc=f"scanning {key}",
-        disable=not show_progress,
-        dynamic_ncols=True,
-        leave=False,
-    ):
-        try:
-            sample = dataset[index]
-        except Exception as error:
-            bad.setdefault(_record_problem(key, dataset, error), []).append(index)
-            continue
-        tokens, labels = sample["tokens"], sample["labels"]
-        targets = sum(1 for label in labels[1:] if label != CROSS_ENTROPY_IGNORE_IDX)
-        scan.num_samples += 1
-        scan.target_tokens += targets
-        scan.samples_without_target += targets == 0
-        scan.truncated_samples += max_len is not None and len(tokens) >= max_len
-        if len(tokens) > scan.longest_sample:
-            scan.longest_sample, scan.longest_sample_index = len(tokens), index
-    for problem, indices in bad.items():
-        shown = ", ".join(str(i) for i in indices[:_SHOWN_RECORDS])
-        more = f" and {len(indices) - _SHOWN_RECORDS} more" if len(indices) > _SHOWN_RECORDS else ""
-        problems.error(
-            f"{key}: record {shown}{more} of {scan.source} (0-based): {problem}", f"{key}.records"
-        )
-    return scan
-
-
-def _record_problem(key: str, dataset: Any, error: Exception) -> str:
-    """What is wrong with one record, and the fix (the record's index is added by the caller)."""
-    if isinstance(error, KeyError):
-        columns = getattr(getattr(dataset, "_data", None), "column_names", None)
-        column = error.args[0] if error.args else error
-        return (
-            f"no column {column!r} (the data has {columns}): rename the column in the data, or "
-            f"map it with {key}.column_map (e.g. column_map: {{{column}: <your column>}})"
-        )
-    return f"cannot be tokenized: {type(error).__name__}: {error}"
-
-
-def _judge(
+def model_problems(
     cfg: DictConfig,
-    key: str,
-    scan: DataScan,
-    context: int | None,
+    student: ModelFacts,
+    teacher: ModelFacts | None,
+    max_token_id: int | None,
     problems: Problems,
-    *,
-    may_lack_targets: bool,
 ) -> None:
-    """Problems of a scanned dataset: samples longer than the context, no target at all."""
-    max_len = cfg.tokenizer.get("max_seq_len")
-    if context is not None and scan.longest_sample > context:
+    """:func:`check_models` into ``problems`` (errors and warnings)."""
+    columns = kd_vocab_columns(cfg)
+    vocab = "kd_loss.vocab_columns"
+    if max_token_id is not None and max_token_id >= student.vocab_size:
         problems.error(
-            f"{key}: record {scan.longest_sample_index} of {scan.source} is "
-            f"{scan.longest_sample} tokens, longer than the models' context ({context} "
-            f"positions; tokenizer.max_seq_len = {max_len}): set tokenizer.max_seq_len: "
-            f"{context} (or less) to cut long samples",
-            "tokenizer.max_seq_len",
+            f"the tokenizer produces ids up to {max_token_id} but the student (model) has "
+            f"vocab size {student.vocab_size}: use a student with vocab > {max_token_id} or "
+            "the matching tokenizer",
+            "model",
         )
-    if may_lack_targets or scan.num_samples == 0:
+    if teacher is None:
         return
-    cut = (
-        f"; {scan.truncated_samples} reach tokenizer.max_seq_len = {max_len}, which cuts the "
-        "answers off"
-        if scan.truncated_samples
-        else ""
-    )
-    if scan.target_tokens == 0:
-        outcome = (
-            "validation would measure nothing"
-            if key == "validation_dataset"
-            else ("the run would train on nothing")
-        )
+    if columns is None and teacher.vocab_size != student.vocab_size:
+        smaller = min(teacher.vocab_size, student.vocab_size)
         problems.error(
-            f"{key}: no sample of {scan.source} has a target token ({scan.num_samples} "
-            f"samples{cut}): {outcome} (loss 0.0). Raise "
-            "tokenizer.max_seq_len above the prompts' length, or check the answers and "
-            f"{key}.train_on_input / {key}.column_map",
-            "tokenizer.max_seq_len",
+            f"vocab sizes differ: teacher (teacher_model) {teacher.vocab_size}, student "
+            f"(model) {student.vocab_size}. If the extra rows are padding the tokenizer never "
+            f"produces, set kd_loss.vocab_columns: {smaller} to compare only the first "
+            f"{smaller} logits",
+            vocab,
         )
-    elif scan.samples_without_target:
+    if columns is not None:
+        smaller = min(teacher.vocab_size, student.vocab_size)
+        if columns > smaller:
+            problems.error(
+                f"kd_loss.vocab_columns = {columns} exceeds the smaller vocab (teacher "
+                f"{teacher.vocab_size}, student {student.vocab_size}): set it to {smaller}",
+                vocab,
+            )
+        if max_token_id is not None and max_token_id >= columns:
+            problems.error(
+                f"kd_loss.vocab_columns = {columns} truncates the vocab, but the tokenizer "
+                f"produces ids up to {max_token_id} (teacher vocab {teacher.vocab_size}, "
+                f"student vocab {student.vocab_size}): truncation would drop real tokens; "
+                "use models with matching vocabularies",
+                vocab,
+            )
+    if max_token_id is not None and max_token_id >= teacher.vocab_size:
+        problems.error(
+            f"the tokenizer produces ids up to {max_token_id} but the teacher (teacher_model) "
+            f"has vocab size {teacher.vocab_size}: use the tokenizer both models share",
+            "teacher_model",
+        )
+    if teacher.num_params < student.num_params:
         problems.warn(
-            f"{key}: {scan.samples_without_target} of {scan.num_samples} samples have no target "
-            f"token{cut}: they add nothing to the loss"
+            f"teacher_model has fewer parameters ({teacher.num_params:,}) than the student "
+            f"model ({student.num_params:,}): check that teacher_model and model are not "
+            "swapped"
         )

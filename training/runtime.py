@@ -19,8 +19,6 @@ in a single process.
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 import os
 import warnings
@@ -33,11 +31,12 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchtune import config, training, utils
-from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import parallel, process_group, state_dicts
-from kdtune.training.config_checks import DISTRIBUTED_KEYS, ConfigError, is_fused_loss
-from kdtune.training.steps import ChunkedLossStep, FusedLossStep
+from kdtune.training import parallel, process_group
+from kdtune.training.adapters import freeze_all_but_adapters, student_state_dict
+from kdtune.training.checkpoint import state_dicts
+from kdtune.training.config.errors import ConfigError
+from kdtune.training.config.schema import DISTRIBUTED_KEYS
 
 
 @dataclass(frozen=True)
@@ -200,81 +199,6 @@ def build_model(node: DictConfig, dtype: torch.dtype) -> nn.Module:
         return config.instantiate(node)
 
 
-def adapter_parameter_names(model: nn.Module) -> set[str]:
-    """Names of LoRA/DoRA parameters (empty for a full-parameter model)."""
-    return set(get_adapter_params(model))
-
-
-def freeze_all_but_adapters(model: nn.Module) -> bool:
-    """A LoRA/DoRA student trains only its adapters; call before sharding.
-
-    Returns:
-        True for a LoRA/DoRA student (False: every parameter stays trainable).
-    """
-    adapters = adapter_parameter_names(model)
-    if adapters:
-        set_trainable_params(model, adapters)
-    return bool(adapters)
-
-
-def fresh_adapter_state_dict(
-    model: nn.Module, base_state_dict: dict[str, Tensor], seed: int
-) -> dict[str, Tensor]:
-    """Initial LoRA/DoRA adapter values as full CPU tensors, the same for any process count.
-
-    Each adapter module is copied to the CPU and initialised by torchtune's own code
-    (``initialize_parameters``: Kaiming-uniform A, zero B), drawing from a generator seeded
-    with ``seed`` (the global one is left untouched); a DoRA magnitude is computed from the
-    module's base weight in ``base_state_dict`` (``initialize_dora_magnitude``). Initialising
-    the sharded model instead would draw different numbers for different shardings.
-
-    Args:
-        model: the student (on meta or materialised; not yet wrapped or sharded).
-        base_state_dict: the base weights, torchtune keys.
-        seed: the run's seed.
-    """
-    state: dict[str, Tensor] = {}
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for name, module in model.named_modules():
-            if not callable(getattr(module, "adapter_params", None)):
-                continue
-            fresh = copy.deepcopy(module)
-            # LoRA/DoRA's to_empty allocates only the adapters (the base weight stays on meta).
-            fresh.to_empty(device="cpu")
-            fresh.initialize_parameters()
-            if hasattr(fresh, "initialize_dora_magnitude"):
-                base = base_state_dict[state_dicts.state_dict_key(f"{name}.weight")]
-                fresh.weight = nn.Parameter(base.to("cpu", fresh.weight.dtype), requires_grad=False)
-                fresh.initialize_dora_magnitude()
-            for parameter_name in fresh.adapter_params():
-                key = state_dicts.state_dict_key(f"{name}.{parameter_name}")
-                state[key] = fresh.get_parameter(parameter_name).detach().clone()
-    return state
-
-
-def student_state_dict(
-    model: nn.Module,
-    base_state_dict: dict[str, Tensor],
-    adapter_state_dict: dict[str, Tensor] | None,
-    *,
-    seed: int,
-) -> dict[str, Tensor]:
-    """Everything the student loads: its weights, plus adapters for a LoRA/DoRA student.
-
-    Args:
-        base_state_dict: the full weights (full student) or the base weights (LoRA/DoRA).
-        adapter_state_dict: saved adapters (resume), or None for fresh ones
-            (:func:`fresh_adapter_state_dict` with ``seed``). Ignored for a full student.
-    """
-    if not adapter_parameter_names(model):
-        return base_state_dict
-    adapters = adapter_state_dict
-    if adapters is None:
-        adapters = fresh_adapter_state_dict(model, base_state_dict, seed)
-    return {**base_state_dict, **adapters}
-
-
 def load_student_weights(
     model: nn.Module,
     base_state_dict: dict[str, Tensor],
@@ -306,11 +230,6 @@ def load_student_weights(
     return is_lora
 
 
-def _compile_backend() -> str:
-    """``TORCH_COMPILE_BACKEND`` (torchtune's convention), default ``inductor``."""
-    return os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
-
-
 def prepare_student(
     model: nn.Module, runtime: Runtime, *, activation_checkpointing: bool, compile_layers: bool
 ) -> nn.Module:
@@ -321,7 +240,7 @@ def prepare_student(
     if activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
     if compile_layers:
-        parallel.apply_compile(model, backend=_compile_backend())
+        parallel.apply_compile(model, backend=parallel.compile_backend())
     return _shard(model, runtime.sharding, trainable=True)
 
 
@@ -331,7 +250,7 @@ def prepare_teacher_for_sharding(
     """Freeze every parameter (its shards never hold or reduce gradients), per-layer compile,
     then FSDP2 sharding. No activation checkpointing: nothing runs backward through it."""
     if compile_layers:
-        parallel.apply_compile(model, backend=_compile_backend())
+        parallel.apply_compile(model, backend=parallel.compile_backend())
     return _shard(model, runtime.sharding, trainable=False)
 
 
@@ -462,99 +381,6 @@ def quantize_int8_weight_only(model: nn.Module) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*version 1 of Int8WeightOnlyConfig.*")
         quantize_(model, quant_config, filter_fn=in_layers)
-
-
-def _logits_are_finite(loss: nn.Module, node: DictConfig) -> nn.Module:
-    """The recipe's logits come from its models' output heads (finite), so kdtune's losses skip
-    their per-chunk ``-inf`` check (a host read per chunk) unless the config sets
-    ``finite_logits`` itself."""
-    if hasattr(loss, "finite_logits") and "finite_logits" not in node:
-        loss.finite_logits = True
-    return loss
-
-
-def compile_loss(loss: nn.Module | None) -> nn.Module | None:
-    """Compile a loss module. kdtune's losses compile their per-chunk math only (their own
-    ``compile`` method; the Python chunk loop stays eager); any other loss module (torchtune's)
-    is compiled whole with ``torch.compile``."""
-    if loss is None:
-        return None
-    if type(loss).compile is not nn.Module.compile:
-        loss.compile(backend=_compile_backend())
-        return loss
-    return torch.compile(loss, backend=_compile_backend())
-
-
-class StepNormalized(nn.Module):
-    """A loss in torchtune's contract (the mean over its micro-batch's target tokens) in
-    kdtune's (the micro-batch's token sum divided by the step's count ``num_tokens``): its value
-    times the micro-batch's target count over ``num_tokens``. The gradient is that of the token
-    sum over the step's count, as for kdtune's own losses.
-
-    Forward: the wrapped loss's positional arguments, ``labels`` ``[B, S]`` (shifted) last,
-    and ``num_tokens`` (0-dim). An all-ignored micro-batch contributes an exact 0.
-    """
-
-    def __init__(self, loss: nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-        self.ignore_index = loss.ignore_index
-        self.num_output_chunks = loss.num_output_chunks
-
-    def forward(self, *args: Any, num_tokens: Tensor) -> Tensor:
-        count = (args[-1] != self.ignore_index).sum()
-        mean = self.loss(*args)
-        return torch.where(count > 0, mean * count, torch.zeros_like(mean)) / num_tokens
-
-
-def _step_normalized(loss: nn.Module | None) -> nn.Module | None:
-    if loss is None or "num_tokens" in inspect.signature(loss.forward).parameters:
-        return loss
-    return StepNormalized(loss)
-
-
-@dataclass(frozen=True)
-class LossSetup:
-    """The built loss step and the options the rest of the run reads from the built losses."""
-
-    step: ChunkedLossStep | FusedLossStep
-    fused: bool
-    ignore_index: int
-    num_chunks: int  # sequence chunks of the logits (validation uses the same)
-
-
-def build_loss_step(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None) -> LossSetup:
-    """Instantiate the losses of ``cfg`` (fused: ``kd_loss`` alone; chunked: ``loss`` and
-    ``kd_loss``, or CE alone without a teacher) and the step that applies them. For the chunked
-    path both models are set to return their logits in the losses' number of chunks."""
-    kd_ratio = float(cfg.kd_ratio)
-    if is_fused_loss(cfg.kd_loss):
-        fused_loss = _logits_are_finite(config.instantiate(cfg.kd_loss), cfg.kd_loss)
-        if cfg.compile:
-            compile_loss(fused_loss)
-        return LossSetup(
-            FusedLossStep(fused_loss, kd_ratio),
-            fused=True,
-            ignore_index=fused_loss.ignore_index,
-            num_chunks=fused_loss.num_chunks or 8,  # validation's chunks: torchtune's count
-        )
-    ce_loss = _step_normalized(_logits_are_finite(config.instantiate(cfg.loss), cfg.loss))
-    kd_loss = None
-    if cfg.kd_loss is not None:
-        kd_loss = _logits_are_finite(config.instantiate(cfg.kd_loss), cfg.kd_loss)
-    kd_loss = _step_normalized(kd_loss)
-    student.set_num_output_chunks(ce_loss.num_output_chunks)
-    if teacher is not None:
-        teacher.set_num_output_chunks(ce_loss.num_output_chunks)
-    ignore_index, num_chunks = ce_loss.ignore_index, ce_loss.num_output_chunks
-    if cfg.compile:
-        ce_loss, kd_loss = compile_loss(ce_loss), compile_loss(kd_loss)
-    return LossSetup(
-        ChunkedLossStep(ce_loss, kd_loss, kd_ratio),
-        fused=False,
-        ignore_index=ignore_index,
-        num_chunks=num_chunks,
-    )
 
 
 def setup_profiler(node: DictConfig | None) -> Any:

@@ -28,7 +28,8 @@ from torch.distributed.tensor import DTensor
 from torchtune.models.llama3 import llama3, lora_llama3
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import metrics, parallel, process_group, state_dicts
+from kdtune.training import metrics, parallel, process_group
+from kdtune.training.checkpoint import state_dicts
 
 VOCAB = 256
 IGNORE = -100

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.recipes.knowledge_distillation import KDRecipe
 from kdtune.training import process_group
+from kdtune.training.config.loading import load_config, resolve_config
 
 
 def count_gradient_reductions(recipe: KDRecipe) -> list[int]:

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from kdtune.cli.registry import load_config, resolve_config
 from kdtune.teacher_cache.build import BuildOptions, build_teacher_cache
 from kdtune.teacher_cache.manifest import MANIFEST
 from kdtune.training import process_group
+from kdtune.training.config.loading import load_config, resolve_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe_runs import run_one

@@ -18,6 +18,7 @@ configs run unchanged; keys only kdtune has default to "off".
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any
@@ -59,6 +60,36 @@ def key(
 
 
 @dataclass(kw_only=True)
+class OnPolicyConfig:
+    """The keys of the ``on_policy`` block (:mod:`kdtune.training.on_policy`)."""
+
+    fraction: float = key(
+        "share of optimizer steps whose sequences are sampled (lambda; 0: off-policy only)",
+        0.0,
+        minimum=0.0,
+        maximum=1.0,
+    )
+    max_new_tokens: int = key("the most tokens per completion", minimum=1)
+    temperature: float = key("sampling temperature (0: greedy)", 1.0, minimum=0.0)
+    top_k: int | None = key("sample among the k most likely tokens (null: all)", None, minimum=1)
+    top_p: float | None = key(
+        "sample from the smallest set of tokens with this much mass (null: all)",
+        None,
+        above=0.0,
+        maximum=1.0,
+    )
+    source: str = key(
+        "who writes the sequences: student (on-policy KD, as GKD) or teacher (sequence-level KD)",
+        "student",
+        choices=("student", "teacher"),
+    )
+
+
+BLOCKS: dict[str, type] = {"on_policy": OnPolicyConfig}
+"""Top-level keys that hold a block of their own keys, and the dataclass of those keys."""
+
+
+@dataclass(kw_only=True)
 class RecipeConfig:
     """The top-level keys of the knowledge_distillation recipe, in the order of the docs."""
 
@@ -90,10 +121,7 @@ class RecipeConfig:
         None,
     )
     on_policy: Block | None = key(
-        "on-policy distillation: {fraction (share of steps whose sequences are sampled), "
-        "max_new_tokens, temperature, top_k, top_p, source: student or teacher}; null: "
-        "off-policy only",
-        None,
+        "on-policy distillation: its keys are the on_policy.* rows; null: off-policy only", None
     )
     tokenizer: Component = key("tokenizer builder (_component_)")
     checkpointer: Component = key("student checkpointer (torchtune FullModelHFCheckpointer)")
@@ -227,25 +255,51 @@ class RecipeConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RecipeConfig)}
-_TYPES: dict[str, Any] = typing.get_type_hints(RecipeConfig)
+"""The top-level keys."""
+BLOCK_FIELDS: dict[str, dataclasses.Field] = {
+    f"{block}.{f.name}": f for block, cls in BLOCKS.items() for f in dataclasses.fields(cls)
+}
+"""The keys inside blocks, by dotted name (``on_policy.fraction``)."""
+_ALL_FIELDS = {**FIELDS, **BLOCK_FIELDS}
+_TYPES: dict[str, Any] = {
+    **typing.get_type_hints(RecipeConfig),
+    **{
+        f"{block}.{name}": hint
+        for block, cls in BLOCKS.items()
+        for name, hint in typing.get_type_hints(cls).items()
+    },
+}
+
+
+def documented_keys() -> list[str]:
+    """Every key in the order of the docs: each block's keys right after the block."""
+    names = []
+    for name in FIELDS:
+        names.append(name)
+        names += [key for key in BLOCK_FIELDS if key.startswith(f"{name}.")]
+    return names
 
 
 def is_required(name: str) -> bool:
-    return FIELDS[name].default is _REQUIRED
+    return _ALL_FIELDS[name].default is _REQUIRED
 
 
 def doc(name: str) -> str:
-    return FIELDS[name].metadata["doc"]
+    return _ALL_FIELDS[name].metadata["doc"]
 
 
 def default_text(name: str) -> str:
     """The default as YAML would spell it, or ``required``."""
     if is_required(name):
         return "required"
-    value = FIELDS[name].default
+    value = _ALL_FIELDS[name].default
     return (
         "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     )
+
+
+DISTRIBUTED_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["multi_process"])
+"""Keys read only when ``torchrun`` launched several processes (their defaults apply there)."""
 
 
 def _allowed(name: str) -> list[type]:
@@ -290,7 +344,7 @@ def _spell(kind: Any) -> str:
 def value_problem(name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for key ``name`` (type, range, choices), or None."""
     kinds = _allowed(name)
-    meta = FIELDS[name].metadata
+    meta = _ALL_FIELDS[name].metadata
     if not any(_matches(value, kind) for kind in kinds):
         allowed = " or ".join(_spell(kind) for kind in kinds)
         return f"{name} = {value!r} is invalid: set {name} to {allowed}"
@@ -312,32 +366,67 @@ def value_problem(name: str, value: Any) -> str | None:
     elif isinstance(value, int | float) and low is not None and value < low:
         kind = "an int" if int in kinds else "a number"
         return f"{name} = {value!r} is invalid: set {name} to {kind} >= {low:g}"
+    elif isinstance(value, int | float) and high is not None and value > high:
+        return f"{name} = {value!r} is invalid: set {name} to a number <= {high:g}"
     return None
 
 
-def schema_problems(cfg: DictConfig) -> list[str]:
-    """Every problem of the config's top-level values against the schema (types, ranges,
-    choices, required keys), all collected. Unknown keys are reported by the caller (it
-    knows which names ``${...}`` interpolations use)."""
+def block_problems(block: str, node: Any) -> list[tuple[str, str]]:
+    """``(key, message)`` for every problem of a block's own keys: unknown keys (with the
+    closest known one), missing required keys, and each value's type, range and choices."""
+    names = [f.name for f in dataclasses.fields(BLOCKS[block])]
+    found = []
+    unknown = sorted(str(k) for k in node if str(k) not in names)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        found.append((block, f"{block} has unknown key(s) {unknown}{hint}; its keys are {names}"))
+    for name in names:
+        dotted = f"{block}.{name}"
+        if name not in node:
+            if is_required(dotted):
+                found.append((dotted, f"{dotted} is required ({doc(dotted)}): add it to {block}"))
+            continue
+        problem = value_problem(dotted, node[name])
+        if problem is not None:
+            found.append((dotted, problem))
+    return found
+
+
+def block_values(block: str, node: Any) -> dict[str, Any]:
+    """A checked block's values, absent keys at their defaults."""
+    return {f.name: node.get(f.name, f.default) for f in dataclasses.fields(BLOCKS[block])}
+
+
+def schema_problems(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(key, message)`` for every problem of the config's values against the schema (types,
+    ranges, choices, required keys, and the keys of blocks such as ``on_policy``), all
+    collected. Unknown top-level keys are reported by the caller (it knows which names
+    ``${...}`` interpolations use)."""
     problems = []
     for name in FIELDS:
         if name not in cfg:
             if is_required(name):
                 problems.append(
-                    f"missing key '{name}' ({doc(name)}): add it to the config (the recipe has "
-                    "no default for it; copy a shipped config with `kdtune cp`)"
+                    (
+                        name,
+                        f"missing key '{name}' ({doc(name)}): add it to the config (the recipe "
+                        "has no default for it; copy a shipped config with `kdtune cp`)",
+                    )
                 )
             continue
         try:
             value = cfg[name]
         except OmegaConfBaseException as error:
             problems.append(
-                f"{name}: cannot resolve its value ({error}); fix the ${{...}} reference"
+                (name, f"{name}: cannot resolve its value ({error}); fix the ${{...}} reference")
             )
             continue
         found = value_problem(name, value)
         if found is not None:
-            problems.append(found)
+            problems.append((name, found))
+        elif name in BLOCKS and value is not None:
+            problems += block_problems(name, value)
     return problems
 
 
@@ -352,8 +441,8 @@ def with_defaults(cfg: DictConfig) -> DictConfig:
 
 def help_text() -> str:
     """``kdtune validate --help``'s key list: name, default (or required) and doc."""
-    width = max(len(name) for name in FIELDS) + 2
-    lines = [f"  {name:<{width}}[{default_text(name)}] {doc(name)}" for name in FIELDS]
+    width = max(len(name) for name in documented_keys()) + 2
+    lines = [f"  {name:<{width}}[{default_text(name)}] {doc(name)}" for name in documented_keys()]
     return "keys of the knowledge_distillation recipe ([default] or [required]):\n" + "\n".join(
         lines
     )
@@ -362,6 +451,6 @@ def help_text() -> str:
 def markdown_table() -> str:
     """The README's key table (a test checks the README holds exactly this)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for name in FIELDS:
+    for name in documented_keys():
         rows.append(f"| `{name}` | {default_text(name)} | {doc(name)} |")
     return "\n".join(rows)

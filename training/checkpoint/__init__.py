@@ -1,0 +1,1 @@
+"""Checkpoints: layout and checks, durable saving, resuming, state dicts and exports."""
