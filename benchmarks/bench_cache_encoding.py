@@ -79,8 +79,9 @@ DEMO_ENCODINGS = (
 
 
 def demo_quality(out: Path, seeds: list[int]) -> dict:
-    from kdtune.demo.pipeline import KD_CONFIG, Variant, evaluate_seed, run_overrides, train_variant
+    from kdtune.demo.pipeline import evaluate_seed, run_overrides, train_variant
     from kdtune.demo.runner import demo_config
+    from kdtune.demo.variants import KD_CONFIG, Variant
     from kdtune.demo.workspace import prepare_workspace
     from kdtune.teacher_cache.build import BuildOptions, build_teacher_cache
 

@@ -33,8 +33,7 @@ from kdtune.demo.metrics import (
 )
 from kdtune.demo.task import ChainTask, parse_record, sample_answer
 from kdtune.demo.tokenizer import WordTokens
-from kdtune.training.checkpoint.layout import MODEL_DIRNAME
-from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.checkpoint.layout import MODEL_DIRNAME, latest_checkpoint
 from kdtune.training.generation import (
     SamplingOptions,
     generate,

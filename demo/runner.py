@@ -20,8 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from kdtune.training.checkpoint.layout import MODEL_DIRNAME
-from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.checkpoint.layout import MODEL_DIRNAME, latest_checkpoint
 from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.metrics import METRICS_FILENAME
 

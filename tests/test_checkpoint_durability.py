@@ -27,10 +27,11 @@ from kdtune.training.checkpoint.layout import (
     CheckpointError,
     CheckpointSaveError,
     complete_checkpoints,
+    latest_checkpoint,
     read_manifest,
     step_dirname,
 )
-from kdtune.training.checkpoint.resume import latest_checkpoint, read_resume_state, resolve_resume
+from kdtune.training.checkpoint.resume import read_resume_state, resolve_resume
 from kdtune.training.checkpoint.save import prune_checkpoints, save_checkpoint_folder
 from kdtune.training.metrics import MetricsWriter, read_metrics
 from kdtune.training.runtime import NonFiniteWeightsError

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from kdtune.demo.evaluate import resolve_checkpoint_dir, weight_files
-from kdtune.demo.pipeline import (
+from kdtune.demo.pipeline import run_overrides, train_variant
+from kdtune.demo.runner import demo_config
+from kdtune.demo.table import markdown_table
+from kdtune.demo.variants import (
     ANSWER_FREE_ON_POLICY_VARIANTS,
     CONTROL_VARIANTS,
     DISTIL_EPOCHS,
@@ -21,12 +24,8 @@ from kdtune.demo.pipeline import (
     SFT_ON_POLICY_VARIANTS,
     SFT_START,
     on_policy_vs_off_policy,
-    run_overrides,
-    train_variant,
     variants,
 )
-from kdtune.demo.runner import demo_config
-from kdtune.demo.table import markdown_table
 from kdtune.demo.workspace import prepare_workspace
 from kdtune.training.config.rules import check_config
 from kdtune.training.on_policy import on_policy_settings

@@ -13,17 +13,11 @@ from safetensors import safe_open
 from kdtune.demo.cli import _split_overrides, eval_main, eval_parser
 from kdtune.demo.evaluate import evaluate_checkpoints, load_model
 from kdtune.demo.models import DEMO_VOCAB_SIZE, TEACHER_DIMS
-from kdtune.demo.pipeline import (
-    KD_CONFIG,
-    chains,
-    run_demo,
-    run_overrides,
-    train_and_evaluate,
-    variants,
-)
+from kdtune.demo.pipeline import chains, run_demo, run_overrides, train_and_evaluate
 from kdtune.demo.runner import demo_config
 from kdtune.demo.tokenizer import tokenizer_sha256
 from kdtune.demo.train_teacher import TEACHER_CONFIG, setup_teacher_workspace
+from kdtune.demo.variants import KD_CONFIG, variants
 from kdtune.demo.workspace import (
     DEFAULT_SPEC,
     SHIPPED_TEACHER_DIR,

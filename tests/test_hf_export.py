@@ -33,8 +33,8 @@ from kdtune.training.checkpoint.layout import (
     MANIFEST_FILENAME,
     MODEL_DIRNAME,
     TRAINING_STATE_FILENAME,
+    latest_checkpoint,
 )
-from kdtune.training.checkpoint.resume import latest_checkpoint
 from kdtune.training.checkpoint.save import weights_to_save, write_hf_weights
 
 transformers = pytest.importorskip("transformers")

@@ -22,9 +22,9 @@ from kdtune.training.checkpoint.layout import (
     ADAPTER_DIRNAME,
     MODEL_DIRNAME,
     TRAINING_STATE_FILENAME,
+    latest_checkpoint,
     read_manifest,
 )
-from kdtune.training.checkpoint.resume import latest_checkpoint
 from kdtune.training.metrics import TRAIN_FIELDS, VAL_FIELDS, read_metrics
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

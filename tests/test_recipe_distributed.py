@@ -30,8 +30,13 @@ from torchtune import training
 from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.checkpoint.layout import ADAPTER_DIRNAME, MODEL_DIRNAME, read_manifest
-from kdtune.training.checkpoint.resume import latest_checkpoint, load_training_state
+from kdtune.training.checkpoint.layout import (
+    ADAPTER_DIRNAME,
+    MODEL_DIRNAME,
+    latest_checkpoint,
+    read_manifest,
+)
+from kdtune.training.checkpoint.resume import load_training_state
 from kdtune.training.config.errors import ConfigError
 from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.data import build_dataloader

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.checkpoint.layout import latest_checkpoint
 from kdtune.training.config.errors import ConfigError
 from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.generation import is_on_policy_step

@@ -13,8 +13,12 @@ from safetensors.torch import load_file
 from kdtune.cli.main import main as kdtune_main
 from kdtune.recipes.knowledge_distillation import KDRecipe
 from kdtune.training.checkpoint import save as checkpointing
-from kdtune.training.checkpoint.layout import ADAPTER_DIRNAME, complete_checkpoints, read_manifest
-from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.checkpoint.layout import (
+    ADAPTER_DIRNAME,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_manifest,
+)
 from kdtune.training.checkpoint.save import save_checkpoint_folder
 from kdtune.training.data import shift_labels
 from kdtune.training.metrics import read_metrics

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.teacher_cache.build import BUILD_STATS, BuildOptions, build_teacher_cache
-from kdtune.training.checkpoint.resume import latest_checkpoint
+from kdtune.training.checkpoint.layout import latest_checkpoint
 from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.metrics import read_metrics
 

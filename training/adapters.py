@@ -12,7 +12,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torchtune.modules.peft import get_adapter_params, set_trainable_params
+from torchtune.modules.peft import get_adapter_params, get_merged_lora_ckpt, set_trainable_params
 
 from kdtune.training.checkpoint import state_dicts
 
@@ -154,3 +154,33 @@ def student_state_dict(
     if adapters is None:
         adapters = fresh_adapter_state_dict(model, base_state_dict, seed)
     return {**base_state_dict, **adapters}
+
+
+def merged_state_dict(state: dict[str, Tensor], rank: int, alpha: float) -> dict[str, Tensor]:
+    """A LoRA/DoRA state dict merged into plain weights, as the student computes its outputs.
+
+    Each adapted layer's weight (and, for DoRA, its bias: :func:`dora_scaled_biases`) is merged
+    in fp32 and rounded once to the weight's own dtype: merging bf16 tensors in bf16 would
+    round ``B @ A``, the sum and the DoRA scale separately. ``state`` is left unchanged;
+    the other entries are passed through as they are.
+    """
+    modules = {
+        key.removesuffix(".lora_a.weight") for key in state if key.endswith(".lora_a.weight")
+    }
+    parts = (".weight", ".bias", ".lora_a.weight", ".lora_b.weight", ".magnitude")
+    fp32 = {
+        f"{module}{part}": state[f"{module}{part}"].to(torch.float32, copy=True)
+        for module in modules
+        for part in parts
+        if f"{module}{part}" in state
+    }
+    work = {**state, **fp32}
+    biases = dora_scaled_biases(work, rank, alpha)
+    merged = get_merged_lora_ckpt(work, rank=rank, alpha=alpha)
+    merged.update(biases)
+    for module in modules:
+        for part in (".weight", ".bias"):
+            key = f"{module}{part}"
+            if key in merged:
+                merged[key] = merged[key].to(state[key].dtype)
+    return merged

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchtune import training, utils
-from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
+from torchtune.modules.peft import get_adapter_state_dict
 
 from kdtune.training.adapters import (
-    dora_scaled_biases,
     dora_scales_a_bias,
     is_dora,
     lora_dropout,
     lora_rank_and_alpha,
+    merged_state_dict,
 )
 from kdtune.training.checkpoint import hf_export
 from kdtune.training.checkpoint.layout import (
@@ -278,8 +278,8 @@ def weights_to_save(
     """What :func:`write_hf_weights` writes: full weights, or adapter (+ merged) weights and
     the adapter settings for LoRA/DoRA.
 
-    ``state`` is the gathered full state dict, or only the adapters when ``adapter_only``; it
-    is merged in place (``get_merged_lora_ckpt``), so pass a dict no one else holds.
+    ``state`` is the gathered full state dict, or only the adapters when ``adapter_only``
+    (merged in fp32 and rounded once: :func:`~kdtune.training.adapters.merged_state_dict`).
     """
     if not is_lora:
         return {training.MODEL_KEY: state}
@@ -295,9 +295,7 @@ def weights_to_save(
         },
     }
     if not adapter_only:
-        biases = dora_scaled_biases(state, rank, alpha)
-        merged = get_merged_lora_ckpt(state, rank=rank, alpha=alpha)
-        weights[training.MODEL_KEY] = {**merged, **biases}
+        weights[training.MODEL_KEY] = merged_state_dict(state, rank, alpha)
     return weights
 
 
