@@ -47,7 +47,7 @@ from kdtune.training.data import (
     shift_labels,
     steps_per_epoch,
 )
-from kdtune.training.guard import SKIPPED_KEY, NonFiniteGuard
+from kdtune.training.guard import NO_TARGET_KEY, SKIPPED_KEY, NonFiniteGuard
 from kdtune.training.loss_setup import build_loss_step
 from kdtune.training.metrics import (
     MetricsWriter,
@@ -58,7 +58,7 @@ from kdtune.training.metrics import (
     peak_memory_gib,
 )
 from kdtune.training.on_policy import on_policy_rollout
-from kdtune.training.preflight import preflight
+from kdtune.training.preflight import preflight, samples_left_out
 from kdtune.training.runtime import (
     Runtime,
     build_model,
@@ -122,9 +122,9 @@ class KDRecipe(FTRecipeInterface):
 
         # Config, models on meta vs checkpoints, data scan: every problem before any weights.
         # A teacher_cache's top-k rows replace the teacher (opened and checked there).
-        self._tokenizer, self._teacher_cache = preflight(
-            cfg, self._metrics, resumed, is_main=runtime.is_main
-        )
+        report = preflight(cfg, self._metrics, resumed, is_main=runtime.is_main)
+        self._tokenizer, self._teacher_cache = report.tokenizer, report.cache
+        self._left_out = samples_left_out(cfg, report)  # samples without a target
 
         self._metric_logger = config.instantiate(cfg.metric_logger) if runtime.is_main else None
         if self._metric_logger is not None:
@@ -227,9 +227,18 @@ class KDRecipe(FTRecipeInterface):
     def _setup_data(self, cfg: DictConfig) -> None:
         runtime = self._runtime
         self._dataloader, self._val_dataloader = rank_loaders(
-            cfg, self._tokenizer, self._ignore_index, self.seed, runtime.rank, runtime.world_size
+            cfg,
+            self._tokenizer,
+            self._ignore_index,
+            self.seed,
+            runtime.rank,
+            runtime.world_size,
+            self._left_out,
         )
-        teacher_cache.check_num_samples(self._teacher_cache, self._dataloader.dataset)
+        # Without the scan's list of samples to leave out, a step may have no target: its
+        # token count is read on the host (one sync) so that its update can be left out.
+        self._may_lack_targets = self._left_out is None or cfg.on_policy is not None
+        teacher_cache.check_num_samples(self._teacher_cache, self._dataloader.dataset.dataset)
         self._rollout = on_policy_rollout(
             cfg, self._dataloader.dataset, self._tokenizer, self.seed, self._ignore_index
         )
@@ -243,6 +252,7 @@ class KDRecipe(FTRecipeInterface):
             "epoch": self.epoch,
             "steps_in_epoch": self.steps_in_epoch,
             SKIPPED_KEY: self._guard.skipped,
+            NO_TARGET_KEY: self._guard.no_target_steps,
         }
 
     def _run_invariants(self) -> dict[str, Any]:
@@ -356,6 +366,11 @@ class KDRecipe(FTRecipeInterface):
                 self._student, self._teacher, micro_batches, self.global_step
             )
         losses = self._accumulate(micro_batches)
+        has_targets = not self._may_lack_targets or bool(losses.num_tokens.item())
+        if not has_targets:
+            message = self._guard.no_target_step(self.global_step + 1)
+            if self._runtime.is_main:
+                log.warning(message)
         grad_norm, lr, skipped = optimizer_step(
             self._student,
             self._optimizer,
@@ -363,6 +378,7 @@ class KDRecipe(FTRecipeInterface):
             max_norm=self._cfg.clip_grad_norm,
             guard=self._guard,
             loss_sums=losses.sums,
+            has_targets=has_targets,
         )
         self.global_step, self.steps_in_epoch = self.global_step + 1, self.steps_in_epoch + 1
         self._step_log.add(

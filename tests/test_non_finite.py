@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from kdtune.recipes.knowledge_distillation import KDRecipe
 from kdtune.training.checkpoint.layout import complete_checkpoints
 from kdtune.training.config.loading import load_config, resolve_config
-from kdtune.training.guard import NonFiniteError, NoTargetTokensError
+from kdtune.training.guard import NonFiniteError
 from kdtune.training.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
@@ -181,27 +181,68 @@ def test_skip_stops_once_max_non_finite_steps_were_skipped(tiny_assets, tmp_path
     ]
 
 
-def test_a_step_without_target_tokens_is_an_error_naming_it(tiny_assets, tmp_path):
+def student_weights(recipe: KDRecipe) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in recipe._student.state_dict().items()}
+
+
+def test_steps_without_target_tokens_make_no_update_and_the_run_goes_on(tiny_assets, tmp_path):
+    """Kept samples without a target (``drop_samples_without_target: false``, answers cut at
+    ``tokenizer.max_seq_len: 64``, one sample per step, data in order): such a step is a no-op
+    (no update, even though AdamW would move weights on zero gradients), counted, and the run
+    ends normally with its checkpoint."""
     out = tmp_path / "out"
     recipe = make_recipe(
         "tiny/full_chunked",
         tiny_assets,
         out,
-        "gradient_accumulation_steps=2",
-        "log_every_n_steps=4",
+        "tokenizer.max_seq_len=64",
+        "drop_samples_without_target=false",
+        "batch_size=1",
+        "shuffle=false",
+        "max_steps_per_epoch=8",
+        "log_every_n_steps=1",
     )
     train_step = recipe._train_step
+    changed = {}
 
-    def step_without_targets(micro_batches, progress):
-        if recipe.global_step + 1 == 2:  # every label of both micro-batches ignored
-            micro_batches = [
-                b | {"labels": torch.full_like(b["labels"], -100)} for b in micro_batches
-            ]
+    def step_and_compare(micro_batches, progress):
+        before = student_weights(recipe)
         train_step(micro_batches, progress)
+        after = student_weights(recipe)
+        changed[recipe.global_step] = any(not torch.equal(before[k], after[k]) for k in before)
 
-    recipe._train_step = step_without_targets
-    with pytest.raises(NoTargetTokensError, match=r"step 2 has no target token.*max_seq_len"):
-        run(recipe)
+    recipe._train_step = step_and_compare
+    run(recipe)
     records = read_metrics(out, kind="train")
-    assert [r["num_tokens"] == 0 for r in records] == [False, True, False, False]
-    assert saved_steps(out) == []
+    without = [r["step"] for r in records if r["num_tokens"] == 0]
+    assert without and len(without) < len(records)  # the shipped data has both kinds here
+    assert all(r["skipped"] for r in records if r["num_tokens"] == 0)
+    assert not any(r["skipped"] for r in records if r["num_tokens"] > 0)
+    unmoved = [step for step, moved in changed.items() if not moved]
+    warmup = [r["step"] for r in records if r["lr"] == 0.0]  # the schedule starts at lr 0
+    assert sorted(set(without) | set(warmup)) == unmoved
+    assert set(without) - set(warmup)  # a step that would have moved the weights did not
+    assert recipe._guard.no_target_steps == len(without)
+    assert saved_steps(out) == [8]
+
+
+def test_samples_without_target_are_left_out_by_default(tiny_assets, tmp_path):
+    """The same data and settings with the default ``drop_samples_without_target: true``: the
+    scan's samples without a target never reach a step, and every step trains."""
+    out = tmp_path / "out"
+    recipe = make_recipe(
+        "tiny/full_chunked",
+        tiny_assets,
+        out,
+        "tokenizer.max_seq_len=64",
+        "batch_size=1",
+        "shuffle=false",
+        "max_steps_per_epoch=8",
+        "log_every_n_steps=1",
+    )
+    (scan,) = [r for r in read_metrics(out, kind="data") if r["dataset"] == "dataset"]
+    assert scan["samples_without_target"] > 0
+    assert len(recipe._dataloader.dataset) == scan["num_samples"] - scan["samples_without_target"]
+    run(recipe)
+    records = read_metrics(out, kind="train")
+    assert len(records) == 8 and all(r["num_tokens"] > 0 and not r["skipped"] for r in records)

@@ -68,7 +68,7 @@ def test_recipe_records_the_scan_and_trains_on_exactly_its_target_tokens(
     assert len(steps) == 6
     assert sum(step["num_tokens"] for step in steps) == train["target_tokens"] > 0
     assert read_metrics(out, "val")[-1]["num_tokens"] == val["target_tokens"] > 0
-    assert 0 < train["longest_sample"] <= 64  # tokenizer.max_seq_len
+    assert 0 < train["longest_sample"] <= cfg.tokenizer.max_seq_len
     assert train["truncated_samples"] <= train["num_samples"]
     (setup,) = read_metrics(out, "setup")
     assert tuple(setup) == SETUP_FIELDS

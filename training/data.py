@@ -213,15 +213,24 @@ SAMPLE_INDEX = "sample_index"
 
 class IndexedDataset(Dataset):
     """``dataset[i]`` plus ``"sample_index": i``: a sample's identity, whatever the shuffling,
-    the process count or the resume point (the teacher cache and on-policy steps use it)."""
+    the process count or the resume point (the teacher cache and on-policy steps use it).
 
-    def __init__(self, dataset: Dataset) -> None:
+    ``left_out``: indices of ``dataset`` that are not served (samples without a target); the
+    others keep their own index as ``sample_index``.
+    """
+
+    def __init__(self, dataset: Dataset, left_out: list[int] | None = None) -> None:
         self.dataset = dataset
+        dropped = set(left_out or ())
+        size = len(dataset)  # type: ignore[arg-type]
+        self.indices = [i for i in range(size) if i not in dropped] if dropped else None
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset if self.indices is None else self.indices)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.indices is not None:
+            index = self.indices[index]
         return {**self.dataset[index], SAMPLE_INDEX: index}
 
 
@@ -242,11 +251,18 @@ def collate_with_sample_index(
 
 
 def rank_loaders(
-    cfg: DictConfig, tokenizer: Any, ignore_index: int, seed: int, rank: int, world_size: int
+    cfg: DictConfig,
+    tokenizer: Any,
+    ignore_index: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    left_out: list[int] | None = None,
 ) -> tuple[StatefulDataLoader, StatefulDataLoader | None]:
-    """This rank's training loader (``dataset``, ``batch_size``, ``shuffle``; incomplete last
-    batch dropped; each batch carries its samples' ``sample_index``) and validation loader (``validation_dataset``, ``validation_batch_size`` or
-    ``batch_size``; in order, nothing dropped; None without a validation dataset)."""
+    """This rank's training loader (``dataset`` less the ``left_out`` samples, ``batch_size``,
+    ``shuffle``; incomplete last batch dropped; each batch carries its samples'
+    ``sample_index``) and validation loader (``validation_dataset``, ``validation_batch_size``
+    or ``batch_size``; in order, nothing dropped; None without a validation dataset)."""
     collate = sft_collate(tokenizer.pad_id, ignore_index)
 
     def loader(
@@ -258,7 +274,8 @@ def rank_loaders(
         # Packed rows are already max_seq_len long; the mask keeps documents apart.
         collate_fn = padded_collate_packed if packed else collate
         if indexed:
-            dataset, collate_fn = IndexedDataset(dataset), collate_with_sample_index(collate_fn)
+            dataset = IndexedDataset(dataset, left_out)
+            collate_fn = collate_with_sample_index(collate_fn)
         return build_dataloader(
             dataset,
             batch_size=batch_size,

@@ -8,7 +8,7 @@ into problems and warnings that name the config key, the file and the records.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig
@@ -42,10 +42,13 @@ class DataScan:
     longest_sample_index: int = -1
     student_context: int | None = None
     teacher_context: int | None = None
+    without_target: list[int] = field(default_factory=list, repr=False)  # their indices
 
     def record(self, step: int) -> dict[str, Any]:
-        """The ``metrics.jsonl`` record (kind :data:`DATA_RECORD_KIND`)."""
-        return {"kind": DATA_RECORD_KIND, "step": step, **asdict(self)}
+        """The ``metrics.jsonl`` record (kind :data:`DATA_RECORD_KIND`; the indices left out)."""
+        figures = asdict(self)
+        del figures["without_target"]
+        return {"kind": DATA_RECORD_KIND, "step": step, **figures}
 
     def summary(self) -> str:
         return (
@@ -103,7 +106,9 @@ def scan_dataset(
         targets = sum(1 for label in labels[1:] if label != CROSS_ENTROPY_IGNORE_IDX)
         scan.num_samples += 1
         scan.target_tokens += targets
-        scan.samples_without_target += targets == 0
+        if targets == 0:
+            scan.samples_without_target += 1
+            scan.without_target.append(index)
         scan.truncated_samples += max_len is not None and len(tokens) >= max_len
         if len(tokens) > scan.longest_sample:
             scan.longest_sample, scan.longest_sample_index = len(tokens), index
@@ -169,7 +174,14 @@ def judge_scan(
             "tokenizer.max_seq_len",
         )
     elif scan.samples_without_target:
+        dropped = key != "validation_dataset" and cfg.drop_samples_without_target
+        outcome = (
+            "they are left out of training (drop_samples_without_target: false keeps them); "
+            "raise tokenizer.max_seq_len to train on their answers"
+            if dropped
+            else "they add nothing to the loss"
+        )
         problems.warn(
             f"{key}: {scan.samples_without_target} of {scan.num_samples} samples have no target "
-            f"token{cut}: they add nothing to the loss"
+            f"token{cut}: {outcome}"
         )

@@ -1,5 +1,5 @@
-"""The non-finite guard: a step whose loss or gradient norm is NaN/inf, or that has no target
-token, never goes unnoticed and never reaches a checkpoint.
+"""The non-finite guard: a step whose loss or gradient norm is NaN/inf never goes unnoticed and
+never reaches a checkpoint; a step without a target token is counted, never a stop.
 
 Every rank sees the same numbers: the step's losses are summed over ranks (a NaN on one rank
 makes the sum NaN everywhere), the gradient norm covers every rank's shards and the token count
@@ -32,6 +32,8 @@ from kdtune.training.process_group import all_reduce_sum
 SKIPPED_KEY = "non_finite_skipped"
 """The skipped-step count in a checkpoint's ``progress`` (``max_non_finite_steps`` counts over
 the whole run, across resumes)."""
+NO_TARGET_KEY = "no_target_steps"
+"""The count of steps without a target token in a checkpoint's ``progress`` (over the run)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -40,10 +42,6 @@ class TrainingStopped(RuntimeError):
 
 class NonFiniteError(TrainingStopped):
     """A step's loss or gradient norm was NaN/inf."""
-
-
-class NoTargetTokensError(TrainingStopped):
-    """A step had no target token on any micro-batch of any rank."""
 
 
 def step_is_finite(loss_sums: Tensor, grad_norm: Tensor) -> Tensor:
@@ -67,6 +65,7 @@ class NonFiniteGuard:
         self.policy = policy
         self.max_skipped = max_skipped
         self.skipped = skipped  # steps skipped so far in the run (kept across a resume)
+        self.no_target_steps = 0  # steps without a target token (no update), over the run
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_step = -1
 
@@ -74,6 +73,7 @@ class NonFiniteGuard:
         """A resumed run: ``folder`` is its checkpoint, ``progress`` the saved counters."""
         self.last_checkpoint, self.last_checkpoint_step = folder, progress["global_step"]
         self.skipped = progress.get(SKIPPED_KEY, 0)
+        self.no_target_steps = progress.get(NO_TARGET_KEY, 0)
 
     def saved(self, folder: Path | None, output_dir: str | Path, step: int) -> None:
         """A checkpoint of ``step`` was saved (rank 0 has its ``folder``, the others None)."""
@@ -98,9 +98,19 @@ class NonFiniteGuard:
         self.skipped += skip
         return skip
 
+    def no_target_step(self, step: int) -> str:
+        """Count a step without a target token on any rank (its update is left out) and say so."""
+        self.no_target_steps += 1
+        return (
+            f"step {step} has no target token on any rank (every label of its micro-batches is "
+            f"ignored): no update, the run goes on ({self.no_target_steps} such step(s) so "
+            "far). Usually tokenizer.max_seq_len is shorter than the prompts or the answers "
+            "are empty"
+        )
+
     def check_records(self, records: list[dict[str, Any]]) -> None:
-        """Raise at the first of ``records`` (``"kind": "train"``, oldest first) that had no
-        target token or, under policy stop, a non-finite loss or gradient norm; under policy
+        """Raise at the first of ``records`` (``"kind": "train"``, oldest first) that had,
+        under policy stop, a non-finite loss or gradient norm; under policy
         skip, once ``max_non_finite_steps`` steps were skipped; at a ``"kind": "val"`` record
         with a non-finite CE (the weights themselves diverged; both policies). Call on every
         rank (the records are the same on every rank)."""
@@ -115,12 +125,7 @@ class NonFiniteGuard:
                     )
                 continue
             if record["num_tokens"] == 0:
-                raise NoTargetTokensError(
-                    f"step {step} has no target token (every label of its micro-batches is "
-                    "ignored, on every rank): a loss over zero tokens trains nothing. Usually "
-                    "tokenizer.max_seq_len is shorter than the prompts (the answers are cut "
-                    f"off) or the dataset's answers are empty; {self._where()}"
-                )
+                continue  # exact zeros; the recipe left out its update (no_target_step)
             finite = all(_finite(record, key) for key in ("loss", "ce_loss", "kd_loss"))
             if not self.skips and not (finite and _finite(record, "grad_norm")):
                 raise NonFiniteError(

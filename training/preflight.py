@@ -116,7 +116,7 @@ def preflight(
     resumed: dict[str, Any] | None = None,
     *,
     is_main: bool = True,
-) -> tuple[Any, Any]:
+) -> Report:
     """The recipe's preflight: :func:`check_run` after the config phase (the recipe's
     constructor ran it: ``cfg`` is its checked copy), raising every problem at once. Every process
     of a multi-process run runs it (the same data, the same verdict: no rank waits for another
@@ -125,8 +125,9 @@ def preflight(
     run starts from: ``resumed``'s).
 
     Returns:
-        ``(tokenizer, teacher_cache)``: the tokenizer built from ``cfg.tokenizer`` and the
-        opened, checked ``teacher_cache`` (None without one), for the recipe to use as they are.
+        The report: the tokenizer built from ``cfg.tokenizer`` and the opened, checked
+        ``teacher_cache`` (None without one), for the recipe to use as they are, and the scans
+        (:func:`samples_left_out` reads the training samples to leave out).
 
     Raises:
         ConfigError: every problem, one per line, each naming key (file, record) and fix.
@@ -134,7 +135,7 @@ def preflight(
     report = _check_after_config(cfg, Problems(), scan_data=True, show_progress=is_main)
     report.problems.raise_if_any(PREFLIGHT)
     if not is_main:
-        return report.tokenizer, report.cache
+        return report
     for message in report.problems.warnings:
         warnings.warn(message, stacklevel=2)
     step = int((resumed or {}).get("progress", {}).get("global_step", 0))
@@ -143,7 +144,30 @@ def preflight(
             metrics.write(scan.record(step))
     if report.scans:
         log.info("Data scan: " + "; ".join(scan.summary() for scan in report.scans))
-    return report.tokenizer, report.cache
+    return report
+
+
+def drops_samples_without_target(cfg: DictConfig) -> bool:
+    """``drop_samples_without_target``, except for prompt-only on-policy training
+    (``on_policy.fraction: 1``), where a sample's prompt is all a step reads."""
+    on_policy = on_policy_settings(cfg.get("on_policy"))
+    return bool(cfg.drop_samples_without_target) and (on_policy is None or on_policy.fraction < 1)
+
+
+def samples_left_out(cfg: DictConfig, report: Report) -> list[int] | None:
+    """Indices (into the concatenated training data) of the samples without a target, which the
+    loader leaves out; None when nothing is left out, so a step may still lack targets
+    (``drop_samples_without_target: false``, ``scan_dataset: false``, packed data)."""
+    nodes = [node for key, node in _dataset_nodes(cfg) if key != "validation_dataset"]
+    scans = [scan for scan in report.scans if scan.dataset != "validation_dataset"]
+    packed = any(node.get("packed", False) for node in nodes)
+    if not drops_samples_without_target(cfg) or packed or len(scans) != len(nodes) or not scans:
+        return None
+    left_out, offset = [], 0
+    for scan in scans:  # in the order the datasets are concatenated
+        left_out += [offset + index for index in scan.without_target]
+        offset += scan.num_samples
+    return left_out
 
 
 def _guarded(problems: Problems, check: Any, *args: Any) -> Any:
@@ -307,6 +331,10 @@ def _check_training_size(
         teacher_cache.check_num_samples(report.cache, range(samples))  # only len() is read
     except ConfigError as error:
         problems.error(str(error), "teacher_cache")
+    if drops_samples_without_target(cfg):
+        samples -= sum(scan.samples_without_target for scan in scans)
+        if samples == 0:
+            return  # no sample has a target: reported by the scan
     if any(node.get("packed", False) for node in nodes):
         return  # packs, not samples, make the batches
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -154,6 +154,7 @@ def optimizer_step(
     max_norm: float | None,
     guard: NonFiniteGuard,
     loss_sums: Tensor,
+    has_targets: bool = True,
 ) -> tuple[Tensor, float, bool]:
     """Clip (if ``max_norm``), step the optimizer unless the guard skips this step, zero the
     gradients, step the scheduler (also for a skipped step: the schedule follows the step
@@ -161,18 +162,22 @@ def optimizer_step(
 
     Args:
         loss_sums: ``[3]``, the step's summed losses over ranks (a rank's NaN is in the sum).
+        has_targets: False for a step without a target token on any rank: its update is left
+            out (zero gradients would still move the weights through momentum and decay).
 
     Returns:
         The pre-clip gradient norm (0-dim, on the device; the same on every rank: it covers
         every rank's shards), the learning rate of the step (first parameter group's, before
-        the scheduler steps) and whether the update was skipped (``on_non_finite: skip`` only;
-        that costs one host read per step).
+        the scheduler steps) and whether the update was skipped (no target, or
+        ``on_non_finite: skip``, which costs one host read per step).
     """
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = parallel.clip_grad_norm_(
         model, max_norm=float(max_norm) if max_norm is not None else math.inf
     )
-    skipped = guard.skips and guard.skip_update(step_is_finite(loss_sums, grad_norm))
+    skipped = not has_targets or (
+        guard.skips and guard.skip_update(step_is_finite(loss_sums, grad_norm))
+    )
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

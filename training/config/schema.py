@@ -215,6 +215,12 @@ class RecipeConfig:
         "samples, target tokens, truncated samples and samples with no target (false: skip)",
         True,
     )
+    drop_samples_without_target: bool = key(
+        "leave training samples without a target token (the answer cut off at "
+        "tokenizer.max_seq_len, or empty) out of the data, as the scan counts them (needs "
+        "scan_dataset: true); false keeps them (a step without any target makes no update)",
+        True,
+    )
     log_every_n_steps: int = key(
         "log to metric_logger and the progress bar every N optimizer steps", 1, minimum=1
     )
