@@ -100,24 +100,40 @@ def torchrun_module(module: str, argv: list[str], nproc: int) -> int:
     A failed worker is one line here (its own message is above; torchrun's report with every
     rank's traceback only with ``--verbose`` / ``KDTUNE_VERBOSE=1``); returns 1 then.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     from kdtune.training.console import verbose
+    from kdtune.training.stop_signals import PREEMPTED_EXIT_CODE
 
+    launcher = [
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        # torchrun forwards these to the workers, which save a checkpoint and stop
+        # (kdtune.training.stop_signals); it waits this long for them before killing them.
+        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown_timeout={TORCHRUN_SHUTDOWN_TIMEOUT_S}",
+    ]
     try:
-        run(
-            get_args_parser().parse_args(
-                ["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
-            )
-        )
+        run(get_args_parser().parse_args([*launcher, "-m", module, *argv]))
+    except SignalException:
+        return PREEMPTED_EXIT_CODE  # the workers said what they saved (rank 0's message)
     except ChildFailedError as error:
         if verbose():
             raise
+        codes = {failure.exitcode for failure in error.failures.values()}
+        if codes == {PREEMPTED_EXIT_CODE}:
+            return PREEMPTED_EXIT_CODE  # stopped by a signal after the checkpoint
         ranks = sorted(error.failures)
         print(f"kdtune: {len(ranks)} of {nproc} processes failed (ranks {ranks})", file=sys.stderr)
         return 1
     return 0
+
+
+TORCHRUN_SHUTDOWN_TIMEOUT_S = 300
+"""How long torchrun waits, after forwarding a stop signal, for the workers to finish their
+step and checkpoint before killing them (a scheduler's own grace period may be shorter)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ from kdtune.training.runtime import (
     trainable_parameters,
 )
 from kdtune.training.steps import MicroBatchLoss, build_lr_scheduler, optimizer_step
+from kdtune.training.stop_signals import Preempted, StopRequest
 from kdtune.training.validation import validate
 
 log = utils.get_logger("INFO")
@@ -101,6 +102,8 @@ class KDRecipe(FTRecipeInterface):
         self.steps_in_epoch = 0
         self._metrics = MetricsWriter(self._output_dir, enabled=self._runtime.is_main)
         self._guard = NonFiniteGuard(cfg.on_non_finite, int(cfg.max_non_finite_steps))
+        self.stop_request = StopRequest()  # recipe_main installs its signal handlers
+        self._preempted = False
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -312,7 +315,7 @@ class KDRecipe(FTRecipeInterface):
 
     def _stop_requested(self) -> bool:
         stop = self._cfg.stop_after_steps
-        return stop is not None and self.global_step >= stop
+        return self._preempted or (stop is not None and self.global_step >= stop)
 
     def train(self) -> None:
         """Run the remaining steps; validate and checkpoint as configured; save at the end."""
@@ -334,6 +337,7 @@ class KDRecipe(FTRecipeInterface):
                 if micro_batches is None:
                     break
                 self._train_step(micro_batches, progress)
+                self._preempted = self.stop_request.agreed(self._runtime.device)
                 self._profiler.step()
                 if self._due(cfg.validate_every_n_steps):
                     self._validate()
@@ -353,6 +357,8 @@ class KDRecipe(FTRecipeInterface):
             self._validate()
         if saved_at != self.global_step:
             self.save_checkpoint(final=finished)
+        if self._preempted and not finished:
+            raise self.stop_request.stopped(self.global_step, self._guard.last_checkpoint)
 
     def _due(self, every: int | None) -> bool:
         return every is not None and self.global_step % every == 0
@@ -478,6 +484,7 @@ def recipe_main(cfg: DictConfig) -> None:
     """
     with console.run_context(cfg.get("output_dir")):  # warnings, errors, log files
         recipe = KDRecipe(cfg=cfg)
+        recipe.stop_request.install()  # SIGTERM/SIGINT/SIGUSR1: checkpoint, then stop
         finished = False
         try:
             console.start_run_log(recipe._cfg, recipe._runtime.is_main)  # + resolved config
@@ -485,7 +492,11 @@ def recipe_main(cfg: DictConfig) -> None:
             with console.log_above_progress_bar():
                 recipe.train()
             finished = True
+        except Preempted:
+            finished = True  # every rank stops here, after the same checkpoint
+            raise
         finally:
+            recipe.stop_request.uninstall()
             recipe.cleanup()
             # After a failure no barrier: the other ranks may never reach it.
             process_group.teardown(wait_for_all=finished)

@@ -30,6 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from kdtune.training import process_group
 from kdtune.training.config.errors import ConfigError
 from kdtune.training.guard import TrainingStopped
+from kdtune.training.stop_signals import PREEMPTED_EXIT_CODE, Preempted
 
 LOGS_DIRNAME = "logs"
 VERBOSE_ENV = "KDTUNE_VERBOSE"
@@ -170,10 +171,15 @@ def record_error(error: BaseException, output_dir: Any) -> None:
 
 def run_recipe_main(recipe_main: Callable[[], Any]) -> int:
     """A recipe's ``__main__`` (``kdtune run``, ``tune run``, ``torchrun -m``): a user error is
-    a short message on stderr (rank 0) and exit status 1; anything else, or ``KDTUNE_VERBOSE=1``,
-    raises with its traceback."""
+    a short message on stderr (rank 0) and exit status 1; a run stopped by a signal after its
+    checkpoint says how to resume and exits with :data:`PREEMPTED_EXIT_CODE`; anything else, or
+    ``KDTUNE_VERBOSE=1``, raises with its traceback."""
     try:
         recipe_main()
+    except Preempted as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"kdtune: {error}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except USER_ERRORS as error:
         if verbose():
             raise
