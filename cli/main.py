@@ -82,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     config_path = resolve_config(args.config)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # torchrun's workers inherit it
+    load_config(config_path, args.overrides)  # a file that is not a YAML mapping: one line
     if args.nproc_per_node > 1:
         return _run_torchrun(module, config_path, args.overrides, args.nproc_per_node)
     sys.argv = recipe_argv(module, config_path, args.overrides)
@@ -314,11 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {extra}")
+    from kdtune.training.console import USER_ERRORS, verbose
+
     try:
         return args.handler(args)
     except UnknownNameError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except USER_ERRORS as error:  # a bad config, checkpoint or cache: one line
+        if verbose():
+            raise
+        print(f"kdtune: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

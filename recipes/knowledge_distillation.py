@@ -188,6 +188,7 @@ class KDRecipe(FTRecipeInterface):
         self._checkpointer = config.instantiate(cfg.checkpointer)
         model = build_model(cfg.model, runtime.dtype)
         self._is_lora = freeze_all_but_adapters(model)
+        resume.check_student_kind(resume_folder, self._is_lora)
         state = None
         if runtime.is_main:
             state = resume.student_start_state(

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,11 @@ def _load_teacher(cfg: DictConfig, device: torch.device) -> nn.Module:
     dtype = training.get_dtype(str(cfg.dtype), device=device)
     teacher = build_model(cfg.teacher_model, dtype)
     teacher.requires_grad_(False)
-    state = config.instantiate(cfg.teacher_checkpointer).load_checkpoint()[training.MODEL_KEY]
+    # torchtune's checkpointers create their output_dir when built: a read-only use gets a
+    # throwaway one, so the build leaves no empty training folder behind.
+    with tempfile.TemporaryDirectory(prefix="kdtune_teacher_read_") as unused:
+        checkpointer = config.instantiate(cfg.teacher_checkpointer, output_dir=unused)
+        state = checkpointer.load_checkpoint()[training.MODEL_KEY]
     state_dicts.load_full_state_dict(
         teacher, state, device=device, strict=True, broadcast_from_rank0=False
     )

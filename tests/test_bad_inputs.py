@@ -112,6 +112,13 @@ def bad_special_tokens(cfg: DictConfig, folder: Path, assets_root: Path) -> None
 
 LORA = "lora_chunked"
 TABLE = [
+    # --- issue 21's rows -----------------------------------------------------------------------
+    Row("tokenizer.max_seq_len 0", ["tokenizer.max_seq_len", "0"], ["tokenizer.max_seq_len=0"]),
+    Row(
+        "on_policy.temperature text",
+        ["on_policy.temperature", "'hot'"],
+        ["on_policy={fraction: 0.5, max_new_tokens: 4, temperature: hot}"],
+    ),
     # --- config values: optimizer, scheduler, losses, LoRA, top-level keys -----------------
     Row("optimizer.lr text", ["optimizer.lr", "'fast'", "not a number"], ["optimizer.lr=fast"]),
     Row(

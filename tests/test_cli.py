@@ -148,3 +148,24 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "ls"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "tiny/full_chunked" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"\x00\x01\x02\xff\xfe binary", "cannot be read as YAML"),
+        (b"42\n", "holds a"),
+        (b"- a\n- b\n", "holds a"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_config_file_that_is_not_a_mapping_is_one_line_naming_it(
+    command, content, words, tmp_path, capsys
+):
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(content)
+    argv = ["run", "knowledge_distillation"] if command == "run" else ["validate"]
+    assert cli.main([*argv, "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kdtune: error: config ") and str(path) in err and words in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

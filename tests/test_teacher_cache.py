@@ -338,9 +338,10 @@ def test_mismatches_are_named(built, tiny_assets, tmp_path):
     assert "kdtune cache-teacher" in error(f"teacher_cache={tmp_path / 'missing'}")
 
 
-def test_cache_teacher_command_prints_bytes_per_token(tiny_assets, tmp_path, capsys):
+def test_cache_teacher_command_prints_bytes_per_token(tiny_assets, tmp_path, capsys, monkeypatch):
     from kdtune.cli.main import main as kdtune_main
 
+    monkeypatch.chdir(tmp_path)  # the config's output_dir (./kdtune_outputs/...) is relative
     folder = tmp_path / "cli"
     argv = ["cache-teacher", "--config", "tiny/full_chunked", "--top_k", "4", "--knots", "2"]
     argv += ["--samples_per_shard", "300", f"assets_dir={tiny_assets.root}"]
@@ -350,3 +351,4 @@ def test_cache_teacher_command_prints_bytes_per_token(tiny_assets, tmp_path, cap
     per_position = math.ceil(4 * 9 / 8) + 2 * 3  # 9-bit ids, 2 knots + the rest mass
     assert manifest["encoding"]["bytes_per_position"] == per_position
     assert f"({per_position} per position" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # no empty output_dir left

@@ -28,13 +28,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdtune.training import process_group
+from kdtune.training.checkpoint.layout import CheckpointError, CheckpointSaveError
 from kdtune.training.config.errors import ConfigError
 from kdtune.training.guard import TrainingStopped
 from kdtune.training.stop_signals import PREEMPTED_EXIT_CODE, Preempted
 
 LOGS_DIRNAME = "logs"
 VERBOSE_ENV = "KDTUNE_VERBOSE"
-USER_ERRORS = (ConfigError, TrainingStopped)
+USER_ERRORS = (ConfigError, TrainingStopped, CheckpointError, CheckpointSaveError)
 """Errors whose message is the whole story: printed short unless verbose."""
 
 DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (

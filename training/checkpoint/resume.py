@@ -45,6 +45,7 @@ from kdtune.training.checkpoint.layout import (
     save_order_key,
 )
 from kdtune.training.checkpoint.save import recover_interrupted_saves
+from kdtune.training.config.errors import ConfigError
 
 log = utils.get_logger("INFO")
 
@@ -295,6 +296,26 @@ def saved_seed(resumed: dict[str, Any], seed: int | None) -> int:
             f"resume with seed={saved} (or null)"
         )
     return saved
+
+
+def check_student_kind(resume_folder: Path | None, is_lora: bool) -> None:
+    """A LoRA/DoRA checkpoint resumes a LoRA/DoRA student, a full one a full student (read
+    on every rank before any weights load; else the optimizer state would not fit).
+
+    Raises:
+        ConfigError: naming the checkpoint, what it holds, and the fix.
+    """
+    if resume_folder is None:
+        return
+    saved_lora = (resume_folder / ADAPTER_DIRNAME / ADAPTER_FILENAME).is_file()
+    if saved_lora == is_lora:
+        return
+    saved, configured = ("LoRA/DoRA", "full-parameter") if saved_lora else ("full", "LoRA/DoRA")
+    raise ConfigError(
+        f"resume_from_checkpoint: {resume_folder} holds a {saved} student, but model builds a "
+        f"{configured} student: resume with the config it was trained with (kdtune keeps it in "
+        f"{resume_folder.parent.parent}/logs/config.yaml), or train into a new output_dir"
+    )
 
 
 def student_start_state(

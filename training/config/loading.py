@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
 import kdtune.configs
+from kdtune.training.config.errors import ConfigError
 
 CONFIG_DIR = Path(kdtune.configs.__file__).resolve().parent
 
@@ -64,6 +65,31 @@ def resolve_config(name_or_path: str) -> Path:
 
 
 def load_config(path: Path, overrides: list[str]) -> DictConfig:
-    """The YAML merged with ``key=value`` overrides, exactly as ``@config.parse`` builds it."""
-    yaml_args = argparse.Namespace(**OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    """The YAML merged with ``key=value`` overrides, exactly as ``@config.parse`` builds it.
+
+    Raises:
+        ConfigError: the file is not a YAML mapping of keys (binary, a scalar, a list, bad
+            YAML), naming the file.
+    """
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError as error:
+        if "Invalid loaded object type" not in str(error):  # OmegaConf's words for a scalar
+            raise ConfigError(f"config {path} cannot be read: {error}") from None
+        kind = str(error).rsplit(":", 1)[-1].strip()
+        raise ConfigError(
+            f"config {path} holds a {kind}, not a mapping of recipe keys: pass a YAML file "
+            "of key: value lines (copy one with `kdtune cp`)"
+        ) from None
+    except Exception as error:  # YAML or encoding errors: a file the user must fix
+        raise ConfigError(
+            f"config {path} cannot be read as YAML ({type(error).__name__}: {error}): "
+            "pass a YAML file of recipe keys (copy one with `kdtune cp`)"
+        ) from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"config {path} holds a {type(loaded).__name__}, not a mapping of recipe keys: "
+            "pass a YAML file of key: value lines (copy one with `kdtune cp`)"
+        )
+    yaml_args = argparse.Namespace(**OmegaConf.to_container(loaded, resolve=False))
     return _merge_yaml_and_cli_args(yaml_args, overrides)

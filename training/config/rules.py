@@ -348,7 +348,20 @@ def _check_student_checkpointer(cfg: DictConfig, problems: Problems) -> None:
         )
 
 
+def _check_tokenizer_length(cfg: DictConfig, problems: Problems) -> None:
+    """``tokenizer.max_seq_len`` cuts every sample: null (no cut) or at least one token."""
+    node = cfg.get("tokenizer")
+    length = node.get("max_seq_len") if isinstance(node, DictConfig) else None
+    if length is not None and (not is_int(length) or length < 1):
+        problems.error(
+            f"tokenizer.max_seq_len = {length!r} is invalid: use null (no cut) or the most "
+            "tokens per sample (e.g. the models' context, 2048)",
+            "tokenizer.max_seq_len",
+        )
+
+
 _DEPENDENT_CHECKS: tuple[Callable[[DictConfig, Problems], None], ...] = (
+    _check_tokenizer_length,
     _check_loss_setup,
     _check_loss_reduction,
     _check_on_policy,
