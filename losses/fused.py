@@ -21,7 +21,7 @@ the input dtype with fp32 output where the backend has ``out_dtype`` (CUDA), els
 input dtype and upcast (what a bf16 model head followed by a chunked loss computes); the loss and
 logit gradients are fp32; the weight gradient is accumulated across chunks in fp32 and cast to
 the weight's dtype once (its products are those of the logit gradient rounded to the input
-dtype, see :class:`kdtune.losses.engine.WeightGradAccumulator`); the hidden-state gradient is a
+dtype, see :class:`kdtune.losses.sources.WeightGradAccumulator`); the hidden-state gradient is a
 matmul in the input dtype.
 
 Chunk size. ``chunk_size`` rows when given; otherwise as many rows as fit ``chunk_memory_mb``
@@ -43,16 +43,9 @@ from torch import Tensor
 
 from kdtune.losses._math import TopKTeacher
 from kdtune.losses._options import check_int, compared_vocab
-from kdtune.losses.engine import (
-    DEFAULT_CHUNK_MEMORY_MB,
-    EngineLoss,
-    KDOutput,
-    LogitChunks,
-    Projection,
-    check_topk_teacher,
-    rows_per_chunk,
-    split_topk,
-)
+from kdtune.losses.base import KDLoss
+from kdtune.losses.engine import DEFAULT_CHUNK_MEMORY_MB, KDOutput, rows_per_chunk
+from kdtune.losses.sources import LogitChunks, Projection, check_topk_teacher, split_topk
 
 WEIGHT_GRAD_ACCUMULATION = ("fp32", "input_dtype")
 FusedKDOutput = KDOutput
@@ -205,15 +198,15 @@ def _teacher_source(
 # The module and its functional form
 
 
-class FusedLinearKDLoss(EngineLoss):
+class FusedLinearKDLoss(KDLoss):
     """Fused output projection + KD + CE loss over token chunks (see the module docstring).
 
     Args:
-        divergence, divergence_params: see :class:`kdtune.losses.engine.EngineLoss`.
+        divergence, divergence_params: see :class:`kdtune.losses.KDLoss`.
         num_chunks: ``None`` (default): rows per chunk from the memory budget alone; N: also
             at most ``ceil(B * S / N)`` rows per chunk (torchtune's knob).
         ignore_index, temperature, temperature_squared, reduction, vocab_columns, topk_mode:
-            see :class:`kdtune.losses.engine.EngineLoss`.
+            see :class:`kdtune.losses.KDLoss`.
         chunk_size: rows per chunk; when given it overrides ``num_chunks`` and the budget.
         chunk_memory_mb: budget for one chunk's fp32 vocabulary-sized temporaries.
         weight_grad_accumulation: ``"fp32"`` (default): a 16-bit weight's gradient is summed
