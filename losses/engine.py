@@ -51,6 +51,11 @@ TEMPORARIES_PER_ROW = 8
 """fp32 ``[rows, V]`` buffers alive at once in the worst case: student and teacher logits, their
 log-probabilities and probabilities, the gradient and its input-dtype copy (see the test that
 counts them, tests/test_engine.py)."""
+AUTOGRAD_TEMPORARIES_PER_ROW = 20
+"""The same count for a divergence differentiated by autograd of its reference (no closed
+form): its graph holds the reference's own temporaries (16 at most for the built-in references,
+masks included, counted by tests/test_divergence_registry.py). A reference that keeps more
+should be given a smaller ``chunk_memory_mb``."""
 
 
 class KDOutput(NamedTuple):
@@ -73,14 +78,15 @@ def rows_per_chunk(
     num_chunks: int | None = None,
     chunk_size: int | None = None,
     memory_mb: int = DEFAULT_CHUNK_MEMORY_MB,
+    temporaries: int = TEMPORARIES_PER_ROW,
 ) -> int:
     """Rows per chunk: ``chunk_size`` when given, else at most ``ceil(total / num_chunks)`` and
-    at most what keeps ``TEMPORARIES_PER_ROW`` fp32 ``[rows, vocab]`` buffers within
-    ``memory_mb`` (261 rows at V = 128,256 and the default 1 GiB), so peak memory does not grow
-    with the sequence length."""
+    at most what keeps ``temporaries`` fp32 ``[rows, vocab]`` buffers within ``memory_mb``
+    (261 rows at V = 128,256 and the default 1 GiB with a closed form), so peak memory does not
+    grow with the sequence length."""
     if chunk_size is not None:
         return chunk_size
-    budget = max(1, (memory_mb * 2**20) // (TEMPORARIES_PER_ROW * 4 * vocab))
+    budget = max(1, (memory_mb * 2**20) // (temporaries * 4 * vocab))
     if num_chunks is not None:
         budget = min(budget, max(1, math.ceil(total_rows / num_chunks)))
     return budget

@@ -26,7 +26,8 @@ matmul in the input dtype.
 
 Chunk size. ``chunk_size`` rows when given; otherwise as many rows as fit ``chunk_memory_mb``
 (default 1024 MiB) of fp32 vocabulary-sized temporaries (:func:`kdtune.losses.engine.rows_per_chunk`:
-261 rows at V = 128,256), and at most ``ceil(B * S / num_chunks)`` when ``num_chunks`` is given
+261 rows at V = 128,256; fewer for a divergence without a closed form, whose autograd graph
+holds more temporaries), and at most ``ceil(B * S / num_chunks)`` when ``num_chunks`` is given
 (torchtune's knob). So the default peak memory does not grow with the sequence length, and
 short inputs run in as few chunks as the budget allows (larger matmuls, fewer passes over the
 weight gradient).
@@ -41,10 +42,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdtune.losses._math import TopKTeacher
+from kdtune.losses._math import TopKTeacher, has_closed_form
 from kdtune.losses._options import check_int, compared_vocab
 from kdtune.losses.base import KDLoss
-from kdtune.losses.engine import DEFAULT_CHUNK_MEMORY_MB, KDOutput, rows_per_chunk
+from kdtune.losses.engine import (
+    AUTOGRAD_TEMPORARIES_PER_ROW,
+    DEFAULT_CHUNK_MEMORY_MB,
+    TEMPORARIES_PER_ROW,
+    KDOutput,
+    rows_per_chunk,
+)
 from kdtune.losses.sources import LogitChunks, Projection, check_topk_teacher, split_topk
 
 WEIGHT_GRAD_ACCUMULATION = ("fp32", "input_dtype")
@@ -315,8 +322,18 @@ class FusedLinearKDLoss(KDLoss):
         weight, bias = _check_projection("student", hidden, student_weight, student_bias)
         batch, tokens = hidden.shape[:2]
         labels = _check_labels(labels, batch, tokens)
+        temporaries = (
+            TEMPORARIES_PER_ROW
+            if has_closed_form(self.divergence_name)
+            else AUTOGRAD_TEMPORARIES_PER_ROW
+        )
         rows = rows_per_chunk(
-            batch * tokens, weight.shape[0], self.num_chunks, self.chunk_size, self.chunk_memory_mb
+            batch * tokens,
+            weight.shape[0],
+            self.num_chunks,
+            self.chunk_size,
+            self.chunk_memory_mb,
+            temporaries,
         )
 
         def split(x: Tensor) -> list[Tensor]:

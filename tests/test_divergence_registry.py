@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -32,6 +33,7 @@ from kdtune.losses import (
     TopKTeacher,
     register_divergence,
 )
+from kdtune.losses.engine import AUTOGRAD_TEMPORARIES_PER_ROW, rows_per_chunk
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 
@@ -308,6 +310,58 @@ def test_autograd_fallback_handles_masked_columns():
     assert grad.isfinite().all()
 
 
+class _PeakNewTensors(TorchDispatchMode):
+    """The most new tensors of at least ``numel`` elements alive at once (views left out)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.alive, self.peak = numel, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        seen = {t.untyped_storage().data_ptr() for t in inputs}
+        out = func(*args, **kwargs)
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if (
+                isinstance(tensor, Tensor)
+                and tensor.numel() >= self.numel
+                and tensor.untyped_storage().data_ptr() not in seen
+            ):
+                self.alive = [ref for ref in self.alive if ref() is not None]
+                self.alive.append(weakref.ref(tensor))
+                self.peak = max(self.peak, len(self.alive))
+        return out
+
+
+@pytest.mark.usefixtures("new_divergences")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autograd_fallback_fits_its_chunk_budget(dtype, autograd_twin):
+    """Vocabulary-sized tensors alive at once in a fallback chunk (the reference's graph
+    included), plus the chunk's two logit buffers and the gradient's input-dtype copy, stay
+    within ``AUTOGRAD_TEMPORARIES_PER_ROW``, which sizes the fused loss's default chunks."""
+    rows, vocab = 16, 512
+    student, teacher, labels = make_logits(batch=1, tokens=rows, vocab=vocab, dtype=dtype)
+    builtin = dict.fromkeys(name for name, _ in CLOSED_FORMS)  # at their default parameters
+    names = ["squared_hellinger", *(autograd_twin(name) for name in builtin)]
+    for name in names:
+        for temperature in (1.0, 2.0):
+            loss_fn = ChunkedKDLoss(name, num_output_chunks=1, temperature=temperature)
+            s = student.clone().requires_grad_()
+            with _PeakNewTensors(rows * vocab) as mode:
+                loss_fn.kd_and_ce([s], [teacher], labels, kd_ratio=0.5)
+            assert mode.peak + 3 <= AUTOGRAD_TEMPORARIES_PER_ROW, (name, mode.peak)
+    hidden = torch.zeros(1, 10**4, 4, dtype=dtype)
+    weight = torch.zeros(vocab, 4, dtype=dtype)
+    with _LogitRows(vocab) as mode:
+        FusedLinearKDLoss("squared_hellinger", chunk_memory_mb=1)(
+            hidden, weight, torch.zeros(1, 10**4, dtype=torch.long), kd_ratio=0.5,
+            teacher_logits=torch.zeros(1, 10**4, vocab, dtype=dtype),
+        )  # fmt: skip
+    expected = rows_per_chunk(10**4, vocab, memory_mb=1, temporaries=AUTOGRAD_TEMPORARIES_PER_ROW)
+    assert mode.rows == expected < rows_per_chunk(10**4, vocab, memory_mb=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # (b) Training with it: a tiny model, chunked and fused, the loss falls
 
@@ -536,3 +590,42 @@ def test_flat_loss_num_tokens_is_the_divisor():
     loss_fn = losses.ForwardKLLoss()
     total = loss_fn(student, teacher, labels, normalize=False)
     torch.testing.assert_close(loss_fn(student, teacher, labels, num_tokens=50), total / 50)
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe picks a registered divergence by name (kd_loss.divergence=...)
+
+
+@pytest.mark.usefixtures("new_divergences")
+@pytest.mark.parametrize(
+    ("config", "loss_keys"),
+    [
+        ("tiny/full_chunked", ["kd_loss._component_=kdtune.losses.ChunkedKDLoss"]),
+        ("tiny/full_fused", []),
+    ],
+    ids=["chunked", "fused"],
+)
+def test_the_recipe_trains_with_a_registered_divergence(
+    config, loss_keys, kdtune_run, tiny_assets, tmp_path
+):
+    from kdtune.training.metrics import read_metrics
+
+    output_dir = tmp_path / "out"
+    kdtune_run(
+        config,
+        [
+            f"assets_dir={tiny_assets.root}",
+            f"output_dir={output_dir}",
+            *loss_keys,
+            "kd_loss.divergence=squared_hellinger",
+            "kd_ratio=1.0",  # the divergence alone: its own gradient must do the training
+            "max_steps_per_epoch=6",
+            "validate_every_n_steps=null",
+        ],
+    )
+    records = read_metrics(output_dir, kind="train")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    kd = [r["kd_loss"] for r in records]
+    assert all(0.0 <= v <= 1.0 for v in kd), kd  # a squared Hellinger distance is in [0, 1]
+    assert [r["loss"] for r in records] == kd
+    assert sum(kd[-2:]) < 0.8 * sum(kd[:2]), kd
