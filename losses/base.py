@@ -36,13 +36,15 @@ class KDLoss(torch.nn.Module):
     is built:
 
     Args:
-        divergence: a name from :data:`kdtune.losses.divergences.DIVERGENCES` (``None``: CE only).
-        divergence_params: its parameters (``ratio``, ``beta`` or ``alpha``), each in [0, 1].
+        divergence: a name from :data:`kdtune.losses.divergences.DIVERGENCES`, built in or
+            added with :func:`~kdtune.losses.register_divergence` (``None``: CE only).
+        divergence_params: its parameters (``ratio``, ``beta`` or ``alpha`` for the built-ins,
+            each in [0, 1]; a registered divergence's own, within its ``param_range``).
         ignore_index: label value of positions that do not contribute.
         temperature: the KD term divides both logit sets by it (> 0). A :class:`TopKTeacher`
             must have been cached at the same temperature (only the student is tempered).
         temperature_squared: multiply the KD term by ``temperature**2`` (Hinton et al.).
-        reduction: ``"mean"`` or ``"sum"`` (see the module docstring).
+        reduction: ``"mean"`` or ``"sum"`` (the contract of :mod:`kdtune.losses.engine`).
         vocab_columns: ``None``: vocabulary sizes must match; N: the KD term compares the first N.
         topk_mode: with a :class:`TopKTeacher`: ``"bucket"`` compares the (k+1)-bucket
             distributions (the k ids and the rest mass; the student bucketed the same way, from
@@ -51,7 +53,7 @@ class KDLoss(torch.nn.Module):
             there; the other columns get no KD gradient).
         finite_logits: ``False`` (default): a dense chunk whose per-token KD values are not
             all finite (a ``-inf`` logit makes the closed forms meet ``0 * inf``) is redone by
-            the masked-vocabulary semantics above; the check reads ``[rows]`` values on the
+            the masked-vocabulary rules of :mod:`kdtune.losses.divergences`; the check reads ``[rows]`` values on the
             host once per chunk. ``True``: the caller guarantees finite logits (a model's own
             output head, as in the KD recipe, which sets it), so nothing is read on the host.
 
@@ -110,7 +112,8 @@ class KDLoss(torch.nn.Module):
         self._cpu_workspace.clear()
 
     def compile(self, backend: str = "inductor", **kwargs: Any) -> None:  # type: ignore[override]
-        """Compile the per-chunk math (:func:`chunk_objective` on finite dense chunks) only."""
+        """Compile the per-chunk math (:func:`chunk_objective` on finite dense chunks with a
+        closed form) only; autograd fallbacks and sparse teachers stay eager."""
         self._objective = torch.compile(chunk_objective, backend=backend, **kwargs)
 
     def _chunk_math(self, teacher: Any, with_ce: bool, columns: int | None) -> ChunkMath:

@@ -13,6 +13,19 @@ when the student puts mass on a column the teacher masks. Such a column is dropp
 (it contributes 0), as torchtune's KD losses do, so the loss stays finite and its gradient
 never holds NaN. Mixture divergences (JSD, skew KL) and total variation are finite everywhere
 and need no such rule. ``+inf`` and NaN logits are not supported.
+
+Adding a divergence: write its per-token function in this style and register it; the chunked
+and fused losses (and the recipe's ``kd_loss.divergence``) then accept its name, and the engine
+differentiates it by autograd one chunk at a time. A closed form (:mod:`kdtune.losses.closed_forms`)
+is an optional fast path, tested against that fallback::
+
+    def squared_hellinger(student_logits, teacher_logits):  # [N, V], [N, V] -> [N]
+        log_q = F.log_softmax(student_logits, -1)
+        log_p = F.log_softmax(teacher_logits, -1)
+        return 1.0 - torch.exp(0.5 * (log_q + log_p)).sum(-1)
+
+    register_divergence("squared_hellinger", squared_hellinger)
+    loss = ChunkedKDLoss("squared_hellinger")
 """
 
 from __future__ import annotations

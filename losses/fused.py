@@ -393,8 +393,8 @@ def _torchtune_divergences() -> list[tuple[type, Callable[[Any], tuple[str, dict
 
 def _divergence_of(chunked_loss: Any) -> tuple[str, dict[str, float]]:
     """``(divergence name, params)`` of a kdtune or torchtune chunked KD loss module."""
-    if hasattr(chunked_loss, "divergence_name"):
-        return chunked_loss.divergence_name, dict(getattr(chunked_loss, "divergence_params", {}))
+    if isinstance(chunked_loss, KDLoss):
+        return chunked_loss.divergence_name, dict(chunked_loss.divergence_params)
     for torchtune_class, describe in _torchtune_divergences():
         if isinstance(chunked_loss, torchtune_class):
             return describe(chunked_loss)

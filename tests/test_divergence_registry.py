@@ -362,6 +362,27 @@ def test_autograd_fallback_fits_its_chunk_budget(dtype, autograd_twin):
     assert mode.rows == expected < rows_per_chunk(10**4, vocab, memory_mb=1)
 
 
+@pytest.mark.usefixtures("new_divergences")
+def test_compile_leaves_the_autograd_fallback_eager():
+    """``compile()`` compiles the closed-form chunk math; a fallback chunk runs eagerly (autograd
+    inside a compiled region would break the graph) and gives the same numbers."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    student, teacher, labels = make_logits(tokens=12, vocab=40)
+    eager = ChunkedKDLoss("squared_hellinger", num_output_chunks=3, temperature=2.0)
+    compiled = ChunkedKDLoss("squared_hellinger", num_output_chunks=3, temperature=2.0)
+    compiled.compile(backend="aot_eager", fullgraph=True)
+    results = []
+    for loss_fn in (eager, compiled):
+        s = student.clone().requires_grad_()
+        out = loss_fn.kd_and_ce(
+            list(s.chunk(3, 1)), list(teacher.chunk(3, 1)), labels, kd_ratio=0.3
+        )
+        results.append((out.loss, *torch.autograd.grad(out.loss, [s])))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # (b) Training with it: a tiny model, chunked and fused, the loss falls
 
