@@ -1,7 +1,12 @@
 """Knowledge-distillation losses: one engine (:mod:`kdtune.losses.engine`) behind the chunked
-family (torchtune's names), the fused loss and sparse (top-k) teachers."""
+family (torchtune's names), the fused loss and sparse (top-k) teachers.
+
+``isinstance(module, KDLoss)`` tells a kdtune loss. A new divergence is one per-token function
+registered with :func:`register_divergence` (autograd gives its gradient, chunk by chunk).
+"""
 
 from kdtune.losses._math import TopKTeacher
+from kdtune.losses.base import KDLoss
 from kdtune.losses.chunked import (
     CEWithChunkedOutputLoss,
     ChunkedKDLoss,
@@ -25,7 +30,12 @@ from kdtune.losses.chunked import (
     symmetric_kl_loss,
     tvd_loss,
 )
-from kdtune.losses.divergences import DIVERGENCES, get_divergence
+from kdtune.losses.divergences import (
+    DIVERGENCES,
+    Divergence,
+    get_divergence,
+    register_divergence,
+)
 from kdtune.losses.engine import KDOutput
 from kdtune.losses.fused import FusedKDOutput, FusedLinearKDLoss, fused_linear_kd_loss
 
@@ -33,11 +43,13 @@ __all__ = [
     "DIVERGENCES",
     "CEWithChunkedOutputLoss",
     "ChunkedKDLoss",
+    "Divergence",
     "ForwardKLLoss",
     "ForwardKLWithChunkedOutputLoss",
     "FusedKDOutput",
     "FusedLinearKDLoss",
     "JSDWithChunkedOutputLoss",
+    "KDLoss",
     "KDOutput",
     "ReverseKLLoss",
     "ReverseKLWithChunkedOutputLoss",
@@ -53,6 +65,7 @@ __all__ = [
     "get_divergence",
     "jsd_loss",
     "kd_loss",
+    "register_divergence",
     "reverse_kl_loss",
     "skew_forward_kl_loss",
     "skew_reverse_kl_loss",

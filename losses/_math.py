@@ -1,30 +1,23 @@
-"""One chunk's KD and CE values and their gradients, in closed form (the engine's inner loop).
+"""One chunk's KD and CE values and their gradients (the engine's inner loop).
 
-Everything here works on one chunk of ``n`` token rows and takes no autograd graph: the value
-and the gradient with respect to the student's (and, when asked, the teacher's) logits are
-formed in the same pass, in fp32 (fp64 for fp64 input), with in-place updates on the chunk's
-own buffers. Notation: ``s``, ``t`` student and teacher logits divided by the temperature;
-``q = softmax(s)``, ``p = softmax(t)``; every ``G`` below is the gradient of the per-token
-divergence with respect to ``s`` (``G_s``) or ``t`` (``G_t``):
+Everything here works on one chunk of ``n`` token rows and takes no autograd graph from the
+caller: the value and the gradient with respect to the student's (and, when asked, the
+teacher's) logits are formed in the same pass, in fp32 (fp64 for fp64 input), with in-place
+updates on the chunk's own buffers. ``s``, ``t``: student and teacher logits divided by the
+temperature; ``q = softmax(s)``, ``p = softmax(t)``.
 
-- forward KL ``KL(p || q)``: ``G_s = q - p``, ``G_t = p (log p - log q - KL)``.
-- reverse KL ``KL(q || p)``: ``G_s = q (log q - log p - KL)``, ``G_t = p - q``.
-- symmetric KL ``r KL(p || q) + (1 - r) KL(q || p)``: the weighted sum of the two.
-- JSD(beta) with ``m = beta p + (1 - beta) q``: ``G_s = (1 - beta) q (log q - log m - KL(q || m))``
-  and ``G_t = beta p (log p - log m - KL(p || m))``.
-- skew KL ``KL(a || alpha a + (1 - alpha) b)`` with ``w = (1 - alpha) b / m``:
-  ``G_a = a (log a - log m - KL + w - <a, w>)``, ``G_b = b <a, w> - a w``.
-- total variation ``0.5 sum |p - q|`` with ``g = sign(q - p)``: ``G_s = 0.5 q (g - <q, g>)``,
-  ``G_t = 0.5 p (<p, g> - g)``.
-- cross-entropy at temperature 1: ``logsumexp(z) - z[label]``, gradient ``softmax(z) - onehot``.
+The KD term of a dense chunk takes one of two routes, chosen from the divergence's entry in
+:data:`kdtune.losses.divergences.DIVERGENCES`:
 
-``log m`` is formed as ``log a - softplus(...)`` from the log-probabilities, never as the log of a
-sum of probabilities, so it stays finite where both probabilities underflow.
+- its closed form (:mod:`kdtune.losses.closed_forms`), the fast path of every built-in;
+- :func:`divergence_by_autograd`: ``torch.autograd.grad`` of its reference function on this
+  chunk alone, for a divergence registered without a closed form, and for any chunk holding a
+  ``-inf`` logit (checked once per chunk by the engine; the closed forms assume finite logits,
+  the references carry the documented ``-inf`` rules).
 
-The closed forms assume finite logits. A chunk holding a ``-inf`` logit (checked once per chunk
-by the engine) goes through :func:`masked_divergence` instead: autograd of the reference
-divergences of :mod:`kdtune.losses.divergences`, which carry the documented ``-inf`` rules.
-Sparse (top-k) teachers use :func:`topk_divergence`.
+Either way only the chunk's ``[n, V]`` logit gradient leaves this module, so memory stays
+chunked. Sparse (top-k) teachers use :func:`topk_divergence`. The CE term is at temperature 1:
+``logsumexp(z) - z[label]``, gradient ``softmax(z) - onehot``.
 """
 
 from __future__ import annotations
@@ -38,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdtune.losses.divergences import get_divergence
+from kdtune.losses.closed_forms import col as _col
+from kdtune.losses.closed_forms import forward_kl as _forward_kl_closed_form
+from kdtune.losses.closed_forms import forward_kl_and_ce
+from kdtune.losses.divergences import divergence_spec, get_divergence
 
-TOPK_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TOPK_MODES = ("bucket", "renormalize")
 
 
@@ -156,130 +151,6 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in self._free)
 
 
-def rowdot(a: Tensor, b: Tensor, scratch: Tensor | None = None) -> Tensor:
-    """``sum_v a[n, v] * b[n, v]`` per row, ``[n, V]`` x2 -> ``[n]``, without a new ``[n, V]``
-    temporary: the products go to ``scratch`` (overwritten; 3x faster than the batched
-    matrix-vector product used without one)."""
-    if scratch is None:
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-    return torch.mul(a, b, out=scratch).sum(-1)
-
-
-def _col(x: Tensor) -> Tensor:
-    return x.unsqueeze(-1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Closed-form divergences on finite log-probabilities. Each may overwrite ``log_a``/``log_b``
-# (scratch), never ``a``/``b``. Returns ``(value [n], G_a | None, G_b | None)``.
-
-
-def _kl(log_a: Tensor, a: Tensor, log_b: Tensor, b: Tensor, want_a: bool, want_b: bool):
-    """``KL(a || b)``."""
-    diff = log_a.sub_(log_b)
-    value = rowdot(a, diff, scratch=log_b)
-    grad_b = torch.sub(b, a, out=log_b) if want_b else None
-    grad_a = diff.sub_(_col(value)).mul_(a) if want_a else None
-    return value, grad_a, grad_b
-
-
-def _skew(log_a, a, log_b, b, alpha: float, want_a: bool, want_b: bool):
-    """``KL(a || alpha a + (1 - alpha) b)`` for ``0 < alpha < 1``."""
-    log_alpha, log_rest = math.log(alpha), math.log1p(-alpha)
-    x = log_b.sub_(log_a).add_(log_rest - log_alpha)
-    log_a_over_m = F.softplus(x).add_(log_alpha).neg_()  # log a - log m
-    value = rowdot(a, log_a_over_m)
-    w = x.add_(log_alpha).add_(log_a_over_m).exp_()  # (1 - alpha) b / m, in [0, 1]
-    a_w = rowdot(a, w)
-    grad_a = log_a_over_m.add_(w).sub_(_col(value + a_w)).mul_(a) if want_a else None
-    grad_b = w.mul_(a).neg_().addcmul_(b, _col(a_w)) if want_b else None
-    return value, grad_a, grad_b
-
-
-def _jsd(log_q, q, log_p, p, beta: float, want_s: bool, want_t: bool):
-    """``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``, ``0 < beta < 1``."""
-    log_beta, log_rest = math.log(beta), math.log1p(-beta)
-    diff = log_p.sub_(log_q)  # log p - log q
-    q_over_m = F.softplus(torch.add(diff, log_beta - log_rest, out=log_q)).add_(log_rest).neg_()
-    p_over_m = diff.add_(q_over_m)  # log p - log m
-    kl_q, kl_p = rowdot(q, q_over_m), rowdot(p, p_over_m)
-    value = beta * kl_p + (1.0 - beta) * kl_q
-    grad_s = q_over_m.sub_(_col(kl_q)).mul_(q).mul_(1.0 - beta) if want_s else None
-    grad_t = p_over_m.sub_(_col(kl_p)).mul_(p).mul_(beta) if want_t else None
-    return value, grad_s, grad_t
-
-
-def _symmetric(log_q, q, log_p, p, ratio: float, want_s: bool, want_t: bool):
-    """``ratio KL(p || q) + (1 - ratio) KL(q || p)``."""
-    diff = log_p.sub_(log_q)
-    forward, reverse = rowdot(p, diff), -rowdot(q, diff)
-    value = ratio * forward + (1.0 - ratio) * reverse
-    grad_t = None
-    if want_t:
-        grad_t = torch.sub(diff, _col(forward)).mul_(p).mul_(ratio)
-        grad_t.add_(p, alpha=1.0 - ratio).sub_(q, alpha=1.0 - ratio)
-    grad_s = None
-    if want_s:
-        grad_s = torch.add(diff, _col(reverse), out=log_q).mul_(q).mul_(ratio - 1.0)
-        grad_s.add_(q, alpha=ratio).sub_(p, alpha=ratio)
-    return value, grad_s, grad_t
-
-
-def _tvd(log_q, q, log_p, p, want_s: bool, want_t: bool):
-    """``0.5 sum_v |p_v - q_v|``."""
-    sign = torch.sub(q, p, out=log_q)
-    value = 0.5 * torch.linalg.vector_norm(sign, ord=1, dim=-1)
-    sign.sign_()
-    grad_t = torch.sub(_col(rowdot(p, sign)), sign).mul_(p).mul_(0.5) if want_t else None
-    grad_s = sign.sub_(_col(rowdot(q, sign))).mul_(q).mul_(0.5) if want_s else None
-    return value, grad_s, grad_t
-
-
-def _forward_kl_and_ce(log_p, p, log_q, q, kd_weight, ce_weight):
-    """The default objective's fast path (forward KL and CE sharing ``q``): ``(KL(p || q) [n],
-    kd_weight (q - p) + ce_weight q)`` in two passes for the gradient, written into ``q``
-    (the caller subtracts the one-hot); ``log_p``/``log_q`` are overwritten."""
-    diff = log_p.sub_(log_q)
-    value = rowdot(p, diff, scratch=log_q)
-    grad = q.mul_(_col(kd_weight + ce_weight)).addcmul_(p, _col(kd_weight), value=-1.0)
-    return value, grad
-
-
-def closed_form(name: str, params: dict[str, float], log_q, q, log_p, p, want_s, want_t):
-    """``(value [n], G_s, G_t)`` of divergence ``name``; ``log_q``/``log_p`` are overwritten."""
-    if name == "symmetric_kl":
-        return _symmetric(log_q, q, log_p, p, params.get("ratio", 0.5), want_s, want_t)
-    if name == "total_variation":
-        return _tvd(log_q, q, log_p, p, want_s, want_t)
-    weight = params.get("beta", params.get("alpha", 0.0))
-    if name == "jsd" and 0.0 < weight < 1.0:
-        return _jsd(log_q, q, log_p, p, weight, want_s, want_t)
-    if name in ("skew_forward_kl", "skew_reverse_kl") and weight == 1.0:
-        zeros = torch.zeros_like(q[:, 0])
-        return (
-            zeros,
-            torch.zeros_like(q) if want_s else None,
-            torch.zeros_like(p) if want_t else None,
-        )
-    if name == "forward_kl" or (name == "jsd" and weight == 0.0):
-        value, grad_t, grad_s = _kl(log_p, p, log_q, q, want_t, want_s)
-    elif name == "reverse_kl" or name == "jsd":
-        value, grad_s, grad_t = _kl(log_q, q, log_p, p, want_s, want_t)
-    elif name == "skew_forward_kl":
-        if weight == 0.0:
-            value, grad_t, grad_s = _kl(log_p, p, log_q, q, want_t, want_s)
-        else:
-            value, grad_t, grad_s = _skew(log_p, p, log_q, q, weight, want_t, want_s)
-    elif name == "skew_reverse_kl":
-        if weight == 0.0:
-            value, grad_s, grad_t = _kl(log_q, q, log_p, p, want_s, want_t)
-        else:
-            value, grad_s, grad_t = _skew(log_q, q, log_p, p, weight, want_s, want_t)
-    else:
-        raise ValueError(f"no closed form for divergence {name!r}")
-    return value, grad_s, grad_t
-
-
 # ------------------------------------------------------------------------------------------------
 # The chunk objective
 
@@ -317,14 +188,28 @@ def _tempered_log_softmax(logits: Tensor, temperature: float, ws: Workspace | No
     return out
 
 
+def has_closed_form(divergence: str | None) -> bool:
+    """Whether divergence ``divergence`` takes the closed-form fast path (``None``: CE only)."""
+    return divergence is None or divergence_spec(divergence).closed_form is not None
+
+
+def supports_topk(divergence: str | None) -> bool:
+    """Whether divergence ``divergence`` may be used with a :class:`TopKTeacher`."""
+    return divergence is None or divergence_spec(divergence).topk
+
+
 def _exp(x: Tensor, ws: Workspace | None) -> Tensor:
     return x.exp() if ws is None else torch.exp(x, out=ws.like(x))
 
 
-def masked_divergence(name, params, s, t, want_s, want_t):
-    """The reference divergence (``-inf`` rules of :mod:`kdtune.losses.divergences`) by autograd.
+def divergence_by_autograd(name, params, s, t, want_s, want_t):
+    """The reference divergence ``name`` and its gradients by autograd, on one chunk.
 
-    ``s``, ``t``: tempered ``[n, V]`` logits. Returns ``(value [n], G_s, G_t)``.
+    The fallback of a divergence without a closed form, and the route of a chunk holding a
+    ``-inf`` logit (the references carry the ``-inf`` rules of :mod:`kdtune.losses.divergences`).
+    ``s``, ``t``: tempered ``[n, V]`` logits (any float dtype, never written to; upcast to the
+    compute dtype). Returns ``(value [n], G_s [n, V] | None, G_t [n, V] | None)``; the graph
+    lives only inside this call.
     """
     divergence = get_divergence(name, **params)
     with torch.enable_grad():
@@ -332,7 +217,11 @@ def masked_divergence(name, params, s, t, want_s, want_t):
         t = t.detach().to(_compute_dtype(t)).requires_grad_(want_t)
         value = divergence(s, t)
         leaves = [x for x in (s, t) if x.requires_grad]
-        grads = list(torch.autograd.grad(value.sum(), leaves)) if leaves else []
+        # materialize_grads: a reference that ignores one input (skew KL at alpha = 1) gives
+        # a zero gradient there, not an error.
+        grads = (
+            list(torch.autograd.grad(value.sum(), leaves, materialize_grads=True)) if leaves else []
+        )
     grad_s = grads.pop(0) if want_s else None
     grad_t = grads.pop(0) if want_t else None
     return value.detach(), grad_s, grad_t
@@ -405,7 +294,8 @@ def chunk_objective(
         kd_weight, ce_weight: ``[n]`` weights of each row's KD and CE gradient (0 at ignored
             rows; the KD weight already holds ``1 / T`` of the chain rule).
         want_s, want_t: which gradients to form (none: values only).
-        masked: the chunk holds a ``-inf`` logit (dense teacher): use the reference rules.
+        masked: the chunk holds a ``-inf`` logit (dense teacher): use the reference rules
+            (:func:`divergence_by_autograd`), as for a divergence without a closed form.
         ws: optional :class:`Workspace` for the vocabulary-sized buffers of the dense path
             (the caller reclaims them; the returned gradients are among them).
 
@@ -432,8 +322,8 @@ def chunk_objective(
             keep,
             want_s,
         )
-    elif math_.divergence is not None and masked:
-        kd, grad_kd, grad_t = masked_divergence(
+    elif math_.divergence is not None and (masked or not has_closed_form(math_.divergence)):
+        kd, grad_kd, grad_t = divergence_by_autograd(
             math_.divergence,
             params,
             _tempered(student_kd, math_.temperature),
@@ -446,13 +336,12 @@ def chunk_objective(
         q = _exp(log_q, ws)
         log_p = _tempered_log_softmax(teacher, math_.temperature, ws)
         p = _exp(log_p, ws)
-        if shared and want_s and not want_t and math_.divergence == "forward_kl":
-            kd, grad = _forward_kl_and_ce(log_p, p, log_q, q, kd_weight, ce_weight)
+        closed_form = divergence_spec(math_.divergence).closed_form
+        if shared and want_s and not want_t and closed_form is _forward_kl_closed_form:
+            kd, grad = forward_kl_and_ce(log_p, p, log_q, q, kd_weight, ce_weight)
             grad.scatter_add_(-1, safe_labels.unsqueeze(-1), -_col(ce_weight.to(grad.dtype)))
             return kd, ce, grad, None
-        kd, grad_kd, grad_t = closed_form(
-            math_.divergence, params, log_q, q, log_p, p, want_s, want_t
-        )
+        kd, grad_kd, grad_t = closed_form(log_q, q, log_p, p, want_s, want_t, **params)
         if not shared:
             q = None
     if grad_t is not None:

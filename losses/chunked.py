@@ -32,13 +32,9 @@ from torch import Tensor
 
 from kdtune.losses._math import TopKTeacher
 from kdtune.losses._options import check_int, compared_vocab
-from kdtune.losses.engine import (
-    EngineLoss,
-    KDOutput,
-    LogitChunks,
-    check_topk_teacher,
-    split_topk,
-)
+from kdtune.losses.base import KDLoss
+from kdtune.losses.engine import KDOutput
+from kdtune.losses.sources import LogitChunks, check_topk_teacher, split_topk
 
 Logits = Sequence[Tensor] | Tensor
 Teacher = Sequence[Tensor] | Tensor | TopKTeacher
@@ -128,7 +124,7 @@ def _splitter(lengths: list[int]):
 # Modules
 
 
-class ChunkedKDLoss(EngineLoss):
+class ChunkedKDLoss(KDLoss):
     """Chunked distillation loss for any divergence of :mod:`kdtune.losses.divergences`.
 
     The named classes below fix ``divergence``; this one is handy in a config, e.g.
@@ -136,12 +132,12 @@ class ChunkedKDLoss(EngineLoss):
     ``divergence_params: {beta: 0.5}``.
 
     Args:
-        divergence, divergence_params: see :class:`kdtune.losses.engine.EngineLoss`.
+        divergence, divergence_params: see :class:`kdtune.losses.KDLoss`.
         num_output_chunks: the chunk count the model's output head is set to. A forward
             receiving more chunks raises ``ValueError``; fewer are accepted (``torch.chunk``
             returns fewer for short sequences); a plain tensor is always accepted.
         ignore_index, temperature, temperature_squared, reduction, vocab_columns, topk_mode:
-            see :class:`kdtune.losses.engine.EngineLoss`.
+            see :class:`kdtune.losses.KDLoss`.
     """
 
     def __init__(
@@ -339,7 +335,8 @@ class _FlatKDLoss(ChunkedKDLoss):
     """torchtune's non-chunked KD interface: ``forward(student [N, V], teacher [N, V], labels [N])``.
 
     Logits of any shape ``[..., V]`` with labels ``[...]`` are accepted. ``normalize=True``
-    divides by the non-ignored count (0 when there is none), ``False`` returns the sum.
+    divides by the non-ignored count (0 when there is none), or by ``num_tokens`` when given
+    (the contract of every :class:`~kdtune.losses.KDLoss`); ``False`` returns the sum.
     """
 
     def forward(  # type: ignore[override]
@@ -348,11 +345,13 @@ class _FlatKDLoss(ChunkedKDLoss):
         teacher_logits: Tensor,
         labels: Tensor,
         normalize: bool = True,
+        num_tokens: Tensor | int | None = None,
     ) -> Tensor:
         student = student_logits.reshape(1, -1, student_logits.shape[-1])
         teacher = teacher_logits.reshape(1, -1, teacher_logits.shape[-1])
         reduction = "mean" if normalize else "sum"
-        return self._chunked(student, teacher, labels.reshape(1, -1), None, None, reduction).loss
+        flat_labels = labels.reshape(1, -1)
+        return self._chunked(student, teacher, flat_labels, None, num_tokens, reduction).loss
 
 
 class ForwardKLLoss(_FlatKDLoss):

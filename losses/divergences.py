@@ -13,6 +13,19 @@ when the student puts mass on a column the teacher masks. Such a column is dropp
 (it contributes 0), as torchtune's KD losses do, so the loss stays finite and its gradient
 never holds NaN. Mixture divergences (JSD, skew KL) and total variation are finite everywhere
 and need no such rule. ``+inf`` and NaN logits are not supported.
+
+Adding a divergence: write its per-token function in this style and register it; the chunked
+and fused losses (and the recipe's ``kd_loss.divergence``) then accept its name, and the engine
+differentiates it by autograd one chunk at a time. A closed form (:mod:`kdtune.losses.closed_forms`)
+is an optional fast path, tested against that fallback::
+
+    def squared_hellinger(student_logits, teacher_logits):  # [N, V], [N, V] -> [N]
+        log_q = F.log_softmax(student_logits, -1)
+        log_p = F.log_softmax(teacher_logits, -1)
+        return 1.0 - torch.exp(0.5 * (log_q + log_p)).sum(-1)
+
+    register_divergence("squared_hellinger", squared_hellinger)
+    loss = ChunkedKDLoss("squared_hellinger")
 """
 
 from __future__ import annotations
@@ -20,11 +33,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdtune.losses import closed_forms
 
 PerTokenDivergence = Callable[[Tensor, Tensor], Tensor]
 
@@ -165,50 +181,131 @@ def total_variation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return 0.5 * (p - q).abs().sum(dim=-1)
 
 
-def _check_unit_interval(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}.")
+# ------------------------------------------------------------------------------------------------
+# The registry: a divergence is its reference function, plus an optional closed form
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One entry of :data:`DIVERGENCES`.
+
+    Attributes:
+        reference: the per-token divergence, ``(student [N, V], teacher [N, V], **params) ->
+            [N]`` on fp32 (fp64) logits already divided by the temperature, written in plain
+            torch (see the module docstring for the ``-inf`` rules the built-ins follow). Its
+            keyword parameters with defaults (after the two logit tensors) are the divergence's
+            parameters (``divergence_params``).
+        closed_form: optional fast path (:mod:`kdtune.losses.closed_forms`): ``(log_q, q, log_p,
+            p, want_s, want_t, **params) -> (value [n], G_s | None, G_t | None)``. Without one,
+            the engine differentiates ``reference`` by autograd, one chunk at a time.
+        topk: the divergence may be used with a sparse :class:`~kdtune.losses.TopKTeacher`
+            (it is then evaluated on the (k+1)-bucket or renormalised log-probabilities, so it
+            must accept ``-inf`` log-probabilities).
+        param_range: inclusive bounds every parameter is checked against when a loss is built.
+    """
+
+    reference: Callable[..., Tensor]
+    closed_form: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None = None
+    topk: bool = False
+    param_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The parameters of :attr:`reference` and their defaults."""
+        listed = list(inspect.signature(self.reference).parameters.values())[2:]
+        return {p.name: p.default for p in listed if p.default is not inspect.Parameter.empty}
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": Divergence(forward_kl, closed_forms.forward_kl, topk=True),
+    "reverse_kl": Divergence(reverse_kl, closed_forms.reverse_kl, topk=True),
+    "symmetric_kl": Divergence(symmetric_kl, closed_forms.symmetric_kl),
+    "jsd": Divergence(jsd, closed_forms.jsd, topk=True),
+    "skew_forward_kl": Divergence(skew_forward_kl, closed_forms.skew_forward_kl),
+    "skew_reverse_kl": Divergence(skew_reverse_kl, closed_forms.skew_reverse_kl),
+    "total_variation": Divergence(total_variation, closed_forms.total_variation),
+}
+"""Every divergence a KD loss accepts by name (``divergence=...``); add one with
+:func:`register_divergence`."""
+
+
+def register_divergence(
+    name: str,
+    reference: Callable[..., Tensor],
+    *,
+    closed_form: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None = None,
+    topk: bool = False,
+    param_range: tuple[float, float] = (0.0, 1.0),
+    replace: bool = False,
+) -> Divergence:
+    """Add divergence ``name`` to :data:`DIVERGENCES`; every KD loss then accepts it by name
+    (chunked and fused, the recipe's ``kd_loss.divergence``). ``reference`` alone is enough:
+    the engine differentiates it by autograd, one chunk at a time (see :class:`Divergence`).
+    Registration is per process: the module that registers must be imported before the loss
+    is built. ``replace=True`` overwrites an existing entry."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A divergence name must be a non-empty string, got {name!r}.")
+    if name in DIVERGENCES and not replace:
+        raise ValueError(
+            f"Divergence {name!r} is already registered; pick another name or pass replace=True."
+        )
+    for label, fn in (("reference", reference), ("closed_form", closed_form)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{label} of divergence {name!r} must be callable, got {fn!r}.")
+    positional = [
+        p
+        for p in inspect.signature(reference).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(positional) != 2:
+        raise ValueError(
+            f"reference of divergence {name!r} must take (student_logits, teacher_logits) and "
+            f"keyword parameters with defaults; it has {len(positional)} required arguments."
+        )
+    low, high = param_range
+    if not low <= high:
+        raise ValueError(
+            f"param_range of divergence {name!r} must be (low, high), got {param_range}."
+        )
+    spec = Divergence(reference, closed_form, topk, (float(low), float(high)))
+    DIVERGENCES[name] = spec
+    return spec
+
+
+def divergence_spec(name: str) -> Divergence:
+    """The :class:`Divergence` registered as ``name``; ``ValueError`` naming the choices."""
+    if name not in DIVERGENCES:
+        raise ValueError(
+            f"Unknown divergence {name!r}; expected one of {sorted(DIVERGENCES)} (or register "
+            f"one with kdtune.losses.register_divergence)."
+        )
+    return DIVERGENCES[name]
 
 
 def get_divergence(name: str, **params: float) -> PerTokenDivergence:
-    """The per-token divergence called ``name`` with its parameters bound.
+    """The per-token reference divergence called ``name`` with its parameters bound.
 
-    Names and parameters: ``forward_kl``, ``reverse_kl``, ``symmetric_kl(ratio)``, ``jsd(beta)``,
-    ``skew_forward_kl(alpha)``, ``skew_reverse_kl(alpha)``, ``total_variation``.
-    Raises ``ValueError`` for an unknown name, an unknown parameter or one outside [0, 1].
+    Built-in names and parameters: ``forward_kl``, ``reverse_kl``, ``symmetric_kl(ratio)``,
+    ``jsd(beta)``, ``skew_forward_kl(alpha)``, ``skew_reverse_kl(alpha)``, ``total_variation``;
+    plus any registered with :func:`register_divergence`.
+    Raises ``ValueError`` for an unknown name, an unknown parameter or one outside its range.
     """
-    if name not in DIVERGENCES:
-        raise ValueError(f"Unknown divergence {name!r}; expected one of {sorted(DIVERGENCES)}.")
-    fn, allowed = DIVERGENCES[name]
+    spec = divergence_spec(name)
+    allowed = spec.params
     unknown = set(params) - set(allowed)
     if unknown:
         raise ValueError(
             f"Divergence {name!r} takes parameters {sorted(allowed) or 'none'}, "
             f"got unexpected {sorted(unknown)}."
         )
+    low, high = spec.param_range
     for key, value in params.items():
-        _check_unit_interval(key, value)
-    return partial(fn, **params) if params else fn
-
-
-DIVERGENCES: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
-    "forward_kl": (forward_kl, ()),
-    "reverse_kl": (reverse_kl, ()),
-    "symmetric_kl": (symmetric_kl, ("ratio",)),
-    "jsd": (jsd, ("beta",)),
-    "skew_forward_kl": (skew_forward_kl, ("alpha",)),
-    "skew_reverse_kl": (skew_reverse_kl, ("alpha",)),
-    "total_variation": (total_variation, ()),
-}
+        if not low <= value <= high:
+            raise ValueError(f"{key} must be in [{low:g}, {high:g}], got {value}.")
+    return partial(spec.reference, **params) if params else spec.reference
 
 
 def resolved_params(name: str, params: dict[str, float]) -> dict[str, float]:
     """``params`` of divergence ``name`` with its defaults filled in (validated)."""
     get_divergence(name, **params)
-    fn, allowed = DIVERGENCES[name]
-    defaults = {
-        key: value.default
-        for key, value in inspect.signature(fn).parameters.items()
-        if key in allowed
-    }
-    return {**defaults, **params}
+    return {**divergence_spec(name).params, **params}

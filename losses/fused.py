@@ -21,12 +21,13 @@ the input dtype with fp32 output where the backend has ``out_dtype`` (CUDA), els
 input dtype and upcast (what a bf16 model head followed by a chunked loss computes); the loss and
 logit gradients are fp32; the weight gradient is accumulated across chunks in fp32 and cast to
 the weight's dtype once (its products are those of the logit gradient rounded to the input
-dtype, see :class:`kdtune.losses.engine.WeightGradAccumulator`); the hidden-state gradient is a
+dtype, see :class:`kdtune.losses.sources.WeightGradAccumulator`); the hidden-state gradient is a
 matmul in the input dtype.
 
 Chunk size. ``chunk_size`` rows when given; otherwise as many rows as fit ``chunk_memory_mb``
 (default 1024 MiB) of fp32 vocabulary-sized temporaries (:func:`kdtune.losses.engine.rows_per_chunk`:
-261 rows at V = 128,256), and at most ``ceil(B * S / num_chunks)`` when ``num_chunks`` is given
+261 rows at V = 128,256; fewer for a divergence without a closed form, whose autograd graph
+holds more temporaries), and at most ``ceil(B * S / num_chunks)`` when ``num_chunks`` is given
 (torchtune's knob). So the default peak memory does not grow with the sequence length, and
 short inputs run in as few chunks as the budget allows (larger matmuls, fewer passes over the
 weight gradient).
@@ -41,18 +42,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdtune.losses._math import TopKTeacher
+from kdtune.losses._math import TopKTeacher, has_closed_form
 from kdtune.losses._options import check_int, compared_vocab
+from kdtune.losses.base import KDLoss
 from kdtune.losses.engine import (
+    AUTOGRAD_TEMPORARIES_PER_ROW,
     DEFAULT_CHUNK_MEMORY_MB,
-    EngineLoss,
+    TEMPORARIES_PER_ROW,
     KDOutput,
-    LogitChunks,
-    Projection,
-    check_topk_teacher,
     rows_per_chunk,
-    split_topk,
 )
+from kdtune.losses.sources import LogitChunks, Projection, check_topk_teacher, split_topk
 
 WEIGHT_GRAD_ACCUMULATION = ("fp32", "input_dtype")
 FusedKDOutput = KDOutput
@@ -205,15 +205,15 @@ def _teacher_source(
 # The module and its functional form
 
 
-class FusedLinearKDLoss(EngineLoss):
+class FusedLinearKDLoss(KDLoss):
     """Fused output projection + KD + CE loss over token chunks (see the module docstring).
 
     Args:
-        divergence, divergence_params: see :class:`kdtune.losses.engine.EngineLoss`.
+        divergence, divergence_params: see :class:`kdtune.losses.KDLoss`.
         num_chunks: ``None`` (default): rows per chunk from the memory budget alone; N: also
             at most ``ceil(B * S / N)`` rows per chunk (torchtune's knob).
         ignore_index, temperature, temperature_squared, reduction, vocab_columns, topk_mode:
-            see :class:`kdtune.losses.engine.EngineLoss`.
+            see :class:`kdtune.losses.KDLoss`.
         chunk_size: rows per chunk; when given it overrides ``num_chunks`` and the budget.
         chunk_memory_mb: budget for one chunk's fp32 vocabulary-sized temporaries.
         weight_grad_accumulation: ``"fp32"`` (default): a 16-bit weight's gradient is summed
@@ -322,8 +322,18 @@ class FusedLinearKDLoss(EngineLoss):
         weight, bias = _check_projection("student", hidden, student_weight, student_bias)
         batch, tokens = hidden.shape[:2]
         labels = _check_labels(labels, batch, tokens)
+        temporaries = (
+            TEMPORARIES_PER_ROW
+            if has_closed_form(self.divergence_name)
+            else AUTOGRAD_TEMPORARIES_PER_ROW
+        )
         rows = rows_per_chunk(
-            batch * tokens, weight.shape[0], self.num_chunks, self.chunk_size, self.chunk_memory_mb
+            batch * tokens,
+            weight.shape[0],
+            self.num_chunks,
+            self.chunk_size,
+            self.chunk_memory_mb,
+            temporaries,
         )
 
         def split(x: Tensor) -> list[Tensor]:
@@ -383,8 +393,8 @@ def _torchtune_divergences() -> list[tuple[type, Callable[[Any], tuple[str, dict
 
 def _divergence_of(chunked_loss: Any) -> tuple[str, dict[str, float]]:
     """``(divergence name, params)`` of a kdtune or torchtune chunked KD loss module."""
-    if hasattr(chunked_loss, "divergence_name"):
-        return chunked_loss.divergence_name, dict(getattr(chunked_loss, "divergence_params", {}))
+    if isinstance(chunked_loss, KDLoss):
+        return chunked_loss.divergence_name, dict(chunked_loss.divergence_params)
     for torchtune_class, describe in _torchtune_divergences():
         if isinstance(chunked_loss, torchtune_class):
             return describe(chunked_loss)
