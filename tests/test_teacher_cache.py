@@ -293,10 +293,11 @@ def test_cached_rows_are_the_teachers_top_k_joined_by_sample_index(built, tiny_a
         cache.lookup(batch["sample_index"], labels, IGNORE)
 
 
-def test_manifest_records_what_the_cache_is(built):
+def test_manifest_records_what_the_cache_is(built, tiny_assets):
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["top_k"] == 16 and manifest["vocab_size"] == 512
-    assert manifest["identity"]["max_seq_len"] == 64
+    max_seq_len = tiny_cfg(tiny_assets).tokenizer.max_seq_len
+    assert manifest["identity"]["max_seq_len"] == max_seq_len
     assert manifest["identity"]["num_samples"] == sum(s["num_samples"] for s in manifest["shards"])
     assert manifest["bytes"] == sum((built / s["file"]).stat().st_size for s in manifest["shards"])
     for key in ("tokenizer", "dataset"):
@@ -320,7 +321,10 @@ def test_mismatches_are_named(built, tiny_assets, tmp_path):
             open_for_training(cfg)
         return str(raised.value)
 
-    assert "tokenizer.max_seq_len: cache 64, config 32" in error("tokenizer.max_seq_len=32")
+    built_with = tiny_cfg(tiny_assets).tokenizer.max_seq_len
+    assert f"tokenizer.max_seq_len: cache {built_with}, config 32" in error(
+        "tokenizer.max_seq_len=32"
+    )
     assert "kd_loss.temperature: cache 1.0, config 2.0" in error("kd_loss.temperature=2.0")
     assert "vocab_columns" in error("kd_loss.vocab_columns=256")
     # same file names, other contents: the data and the tokenizer are compared by content

@@ -7,7 +7,6 @@ the step that applies them (:mod:`kdtune.training.steps`).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchtune import config
 
+from kdtune.losses import KDLoss
 from kdtune.training.config.nodes import is_fused_loss
 from kdtune.training.parallel import compile_backend
 from kdtune.training.steps import ChunkedLossStep, FusedLossStep
@@ -25,7 +25,7 @@ def _logits_are_finite(loss: nn.Module, node: DictConfig) -> nn.Module:
     """The recipe's logits come from its models' output heads (finite), so kdtune's losses skip
     their per-chunk ``-inf`` check (a host read per chunk) unless the config sets
     ``finite_logits`` itself."""
-    if hasattr(loss, "finite_logits") and "finite_logits" not in node:
+    if isinstance(loss, KDLoss) and "finite_logits" not in node:
         loss.finite_logits = True
     return loss
 
@@ -65,7 +65,7 @@ class StepNormalized(nn.Module):
 
 
 def _step_normalized(loss: nn.Module | None) -> nn.Module | None:
-    if loss is None or "num_tokens" in inspect.signature(loss.forward).parameters:
+    if loss is None or isinstance(loss, KDLoss):  # kdtune's losses take num_tokens
         return loss
     return StepNormalized(loss)
 

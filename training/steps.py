@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchtune import config
 
-from kdtune.losses import TopKTeacher
+from kdtune.losses import ChunkedKDLoss, TopKTeacher
 from kdtune.training import parallel
 from kdtune.training.guard import NonFiniteGuard, step_is_finite
 from kdtune.training.lm_head import (
@@ -48,7 +48,7 @@ class MicroBatchLoss:
 class ChunkedLossStep:
     """Both models return their logits as a list of chunks; chunked CE and KD losses.
 
-    With a kdtune KD loss (it has ``kd_and_ce``) both terms of every chunk come from one engine
+    With a kdtune chunked KD loss (:class:`~kdtune.losses.ChunkedKDLoss`) both terms of every chunk come from one engine
     call (one upcast and one student log-softmax per chunk, one gradient kept); any other KD
     loss module (e.g. torchtune's) is called beside the CE loss.
     """
@@ -75,7 +75,7 @@ class ChunkedLossStep:
         elif teacher is not None:
             with torch.no_grad():
                 teacher_logits = chunked_logits(teacher, tokens, **model_kwargs)
-        if teacher is not None and hasattr(self.kd_loss, "kd_and_ce"):
+        if teacher is not None and isinstance(self.kd_loss, ChunkedKDLoss):
             out = self.kd_loss.kd_and_ce(
                 student_logits,
                 teacher_logits,

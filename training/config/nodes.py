@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
+from kdtune.losses import KDLoss
 from kdtune.losses.fused import FusedLinearKDLoss
 
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
@@ -69,9 +70,9 @@ def component_options(node: DictConfig) -> dict[str, Any]:
     return options
 
 
-def forward_accepts(cls: Any, name: str) -> bool:
-    forward = getattr(cls, "forward", None)
-    return forward is not None and name in inspect.signature(forward).parameters
+def is_kdtune_loss(cls: Any) -> bool:
+    """The one test of "a kdtune loss" (it takes ``num_tokens``, the step's token count)."""
+    return isinstance(cls, type) and issubclass(cls, KDLoss)
 
 
 def is_fused_loss(node: Any) -> bool:

@@ -26,10 +26,10 @@ from kdtune.training.config.nodes import (
     closest,
     component_class,
     component_options,
-    forward_accepts,
     interpolated_keys,
     is_fused_loss,
     is_int,
+    is_kdtune_loss,
     is_number,
     normalize_null_components,
 )
@@ -141,10 +141,8 @@ def _check_loss_setup(cfg: DictConfig, problems: Problems) -> None:
         if cls is None:
             continue
         # A loss without num_tokens (torchtune's own) is a mean over its micro-batch; the
-        # recipe rescales it to the step's token count (runtime.StepNormalized).
-        if not forward_accepts(cls, "num_tokens") and "ignore_index" not in component_options(
-            cfg[key]
-        ):
+        # recipe rescales it to the step's token count (loss_setup.StepNormalized).
+        if not is_kdtune_loss(cls) and "ignore_index" not in component_options(cfg[key]):
             problems.error(
                 f"{key}._component_ = {cfg[key]['_component_']}: its forward takes no num_tokens "
                 "and it has no ignore_index, so its mean cannot be rescaled to the step's token "
