@@ -16,6 +16,10 @@ before any model is built; one process or many is one code path (FSDP2 via
 Outputs in ``output_dir``: ``metrics.jsonl``, ``checkpoints/step_N/`` (HF weights + training
 state, written atomically; never after a NaN/inf step: :mod:`~kdtune.training.guard`) and
 ``logs/`` (:mod:`~kdtune.training.console`; the ``metric_logger`` writes there too).
+
+One file, by torchtune's convention (``tune run`` and ``tune cp`` take a recipe as one file,
+and a reader should hold the whole job in one place); every helper it calls lives in
+:mod:`kdtune.training`, so this file stays the job's outline at about 500 lines.
 """
 
 from __future__ import annotations
