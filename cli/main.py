@@ -315,19 +315,34 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {extra}")
-    from kdtune.training.console import USER_ERRORS, verbose
+    from kdtune.training.config.errors import ConfigError
+    from kdtune.training.console import print_user_error, verbose
 
     try:
         return args.handler(args)
     except UnknownNameError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except USER_ERRORS as error:  # a bad config, checkpoint or cache: one line
+    except ConfigError as error:  # a bad config file, cache or key of a command: one line
         if verbose():
             raise
-        print(f"kdtune: error: {error}", file=sys.stderr)
+        print_user_error(error)
+        return 1
+
+
+def console_main() -> int:
+    """The ``kdtune`` console script: :func:`main`, with a checkpoint that cannot be resumed or
+    saved printed as one line (in-process callers of :func:`main` get the exception)."""
+    from kdtune.training.console import CHECKPOINT_ERRORS, print_user_error, verbose
+
+    try:
+        return main()
+    except CHECKPOINT_ERRORS as error:
+        if verbose():
+            raise
+        print_user_error(error)
         return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

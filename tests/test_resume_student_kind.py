@@ -50,3 +50,27 @@ def test_resume_with_the_other_kind_of_student_is_refused(
         second.setup(cfg=second._cfg)
     assert "resume_from_checkpoint" in str(error.value) and "step_0000002" in str(error.value)
     assert not loads  # refused before reading any weights
+
+
+def test_the_console_script_prints_a_checkpoint_error_in_one_line(tiny_assets, tmp_path):
+    """In-process callers get the exception (tests/test_recipe_resume.py); the ``kdtune``
+    command prints one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    first = recipe("tiny/full_chunked", tiny_assets, out)
+    first.setup(cfg=first._cfg)
+    first.train()
+    first.cleanup()
+    script = Path(sys.executable).parent / "kdtune"
+    command = [str(script), "run", "knowledge_distillation", "--config", "tiny/full_chunked"]
+    overrides = [f"assets_dir={tiny_assets.root}", f"output_dir={out}", "max_steps_per_epoch=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*command, *overrides], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdtune: error:")]
+    assert len(errors) == 1 and "already holds checkpoints" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -35,8 +35,11 @@ from kdtune.training.stop_signals import PREEMPTED_EXIT_CODE, Preempted
 
 LOGS_DIRNAME = "logs"
 VERBOSE_ENV = "KDTUNE_VERBOSE"
-USER_ERRORS = (ConfigError, TrainingStopped, CheckpointError, CheckpointSaveError)
+USER_ERRORS = (ConfigError, TrainingStopped)
 """Errors whose message is the whole story: printed short unless verbose."""
+CHECKPOINT_ERRORS = (CheckpointError, CheckpointSaveError)
+"""A checkpoint that cannot be resumed or saved: raised to in-process callers (the Python API),
+printed short by the command line (``kdtune``'s console script; a recipe under torchrun)."""
 
 DEPENDENCY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # (message regex, category, module regex): narrow, so kdtune's own warnings stay visible.
@@ -138,7 +141,7 @@ def run_context(output_dir: Any) -> Iterator[None]:
     utils.get_logger().addFilter(_worth_showing)
     try:
         yield
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, *CHECKPOINT_ERRORS) as error:
         record_error(error, output_dir)
         raise
     except RuntimeError as error:
@@ -184,8 +187,18 @@ def run_recipe_main(recipe_main: Callable[[], Any]) -> int:
     except USER_ERRORS as error:
         if verbose():
             raise
-        if os.environ.get("RANK", "0") == "0":
-            notes = "".join(f"\n{note}" for note in getattr(error, "__notes__", []))
-            print(f"kdtune: error: {error}{notes}", file=sys.stderr)
+        print_user_error(error)
+        return 1
+    except CHECKPOINT_ERRORS as error:
+        if verbose() or "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise  # in one process the console script prints it (kdtune.cli.main.console_main)
+        print_user_error(error)
         return 1
     return 0
+
+
+def print_user_error(error: BaseException) -> None:
+    """``kdtune: error: <message>`` and its notes on stderr, on rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        notes = "".join(f"\n{note}" for note in getattr(error, "__notes__", []))
+        print(f"kdtune: error: {error}{notes}", file=sys.stderr)
