@@ -113,7 +113,7 @@ class KDRecipe(FTRecipeInterface):
         cfg = self._cfg
         runtime = self._runtime
         resume_folder, resumed, self._lineage = resume.read_resume_state(
-            cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main
+            cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main, cfg=cfg
         )
         if resumed is not None:
             seed = resume.saved_seed(resumed, cfg.seed)

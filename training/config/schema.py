@@ -132,6 +132,11 @@ class RecipeConfig:
         "false, true (the newest checkpoint of the branch trained last; a corrupt one falls back to the one before) or a checkpoint folder",
         False,
     )
+    resume_trust_pickled_state: bool = key(
+        "true: read a checkpoint's training_state.pt that needs full unpickling (kdtune's older "
+        "checkpoints; it can run code stored in the file); false: refuse it",
+        False,
+    )
     dataset: Components = key("training dataset (_component_, or a list of them)")
     validation_dataset: Component | None = key(
         "held-out dataset (_component_), or null for no validation", None
