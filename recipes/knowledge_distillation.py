@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from kdtune import __version__
 from kdtune.teacher_cache import source as teacher_cache
-from kdtune.training import console, parallel, process_group
+from kdtune.training import console, parallel, process_group, run_lock
 from kdtune.training.adapters import freeze_all_but_adapters
 from kdtune.training.checkpoint import resume, save, state_dicts
 from kdtune.training.config.nodes import kd_vocab_columns
@@ -92,6 +92,8 @@ class KDRecipe(FTRecipeInterface):
         cfg = check_config(cfg)  # the one config pass of the launch; preflight does the rest
         self._cfg = cfg
         self._runtime: Runtime = setup_runtime(cfg)
+        # One run per output_dir: a second one stops here, before anything is loaded.
+        self._run_lock = run_lock.hold_output_dir(cfg.output_dir, is_main=self._runtime.is_main)
         self._output_dir = Path(cfg.output_dir)
         self._kd_ratio = float(cfg.kd_ratio)
         self._accumulation = int(cfg.gradient_accumulation_steps)
@@ -448,9 +450,11 @@ class KDRecipe(FTRecipeInterface):
         return folder
 
     def cleanup(self) -> None:
-        """Close the metric logger (also after a failed setup)."""
+        """Close the metric logger and free output_dir (also after a failed setup)."""
         if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
 
 
 @config.parse

@@ -30,6 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from kdtune.training import process_group
 from kdtune.training.config.errors import ConfigError
 from kdtune.training.guard import TrainingStopped
+from kdtune.training.run_lock import OutputDirLockedError
 
 LOGS_DIRNAME = "logs"
 VERBOSE_ENV = "KDTUNE_VERBOSE"
@@ -157,7 +158,8 @@ def record_error(error: BaseException, output_dir: Any) -> None:
     hint = f"full traceback: kdtune run --verbose, or {VERBOSE_ENV}=1"
     if os.environ.get("RANK", "0") != "0":
         return
-    if isinstance(output_dir, str | Path) and Path(output_dir).is_dir():
+    foreign = isinstance(error, OutputDirLockedError)  # the folder is another run's
+    if isinstance(output_dir, str | Path) and Path(output_dir).is_dir() and not foreign:
         path = logs_dir(output_dir) / "error.log"
         try:
             path.parent.mkdir(exist_ok=True)
