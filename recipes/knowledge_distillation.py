@@ -35,7 +35,7 @@ from kdtune import __version__
 from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import console, parallel, process_group, run_lock
 from kdtune.training.adapters import freeze_all_but_adapters
-from kdtune.training.checkpoint import resume, save, state_dicts
+from kdtune.training.checkpoint import fingerprints, resume, save, state_dicts
 from kdtune.training.config.nodes import kd_vocab_columns
 from kdtune.training.config.rules import check_config
 from kdtune.training.data import (
@@ -441,6 +441,7 @@ class KDRecipe(FTRecipeInterface):
                     "student": "lora" if self._is_lora else "full",
                     "merged_weights": not adapter_only,
                     "world_size": self._runtime.world_size,
+                    "fingerprints": fingerprints.record(self._cfg, is_lora=self._is_lora),
                 },
                 keep_last=self._cfg.keep_last_n_checkpoints,
             )

@@ -29,7 +29,7 @@ from kdtune.training.adapters import (
     dora_scales_a_bias,
     student_state_dict,
 )
-from kdtune.training.checkpoint import hf_export
+from kdtune.training.checkpoint import fingerprints, hf_export
 from kdtune.training.checkpoint.layout import (
     ADAPTER_DIRNAME,
     ADAPTER_FILENAME,
@@ -44,6 +44,7 @@ from kdtune.training.checkpoint.layout import (
     hf_weight_files,
     is_complete,
     manifest_or_none,
+    read_manifest,
     resume_order,
     save_order_key,
 )
@@ -127,9 +128,12 @@ def load_checked_training_state(folder: Path, *, trust_pickle: bool = False) -> 
                 for key in _TRAINING_STATE_KEYS
                 if not isinstance(state, dict) or key not in state
             ]
-            if not missing:
+            if missing:
+                problem = f"{TRAINING_STATE_FILENAME} lacks {', '.join(missing)}"
+            else:  # every file as the save wrote it (a same-size replacement included)
+                problem = fingerprints.file_hash_problem(folder, read_manifest(folder))
+            if problem is None:
                 return state
-            problem = f"{TRAINING_STATE_FILENAME} lacks {', '.join(missing)}"
     raise CheckpointError(f"checkpoint {folder} cannot be resumed from: {problem}")
 
 
@@ -313,7 +317,9 @@ def read_resume_state(
     raised on every rank. Only rank 0's state holds ``"optimizer"`` (it broadcasts it when
     loading). A collective under several processes.
 
-    ``cfg`` (the run's checked config) supplies :data:`TRUST_PICKLE_KEY`.
+    ``cfg`` (the run's checked config) supplies :data:`TRUST_PICKLE_KEY`, and the inputs the
+    checkpoint's recorded fingerprints are compared with
+    (:func:`~kdtune.training.checkpoint.fingerprints.check`; ``resume_allow_changes``).
     """
     trust_pickle = bool(cfg.get(TRUST_PICKLE_KEY, False)) if cfg is not None else False
     folder = state = shared = error = lineage = None
@@ -323,6 +329,8 @@ def read_resume_state(
             folder, state = resolve_resume(
                 output_dir, resume_from_checkpoint, trust_pickle=trust_pickle
             )
+            if folder is not None and cfg is not None:
+                fingerprints.check(folder, read_manifest(folder), cfg)
         except (ValueError, OSError) as raised:
             error = raised
         if state is not None:
