@@ -117,3 +117,39 @@ def test_two_runs_started_together_into_one_folder_one_trains(tiny_assets, tmp_p
     run_ids = {read_manifest(folder)["run_id"] for folder in complete_checkpoints(out)}
     assert len(run_ids) == 1 and len(complete_checkpoints(out)) == 4
     assert not (out / "logs" / "error.log").exists()  # the loser wrote nothing into the folder
+
+
+@pytest.mark.slow
+def test_a_two_process_run_into_a_held_folder_stops_on_every_rank(tiny_assets, tmp_path):
+    """Rank 0 finds the folder held and tells rank 1 (a broadcast): the launch fails with
+    the holder named and no rank gets as far as loading weights."""
+    out = tmp_path / "out"
+    holder = _holder(out)
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kdtune.cli.main",
+                "run",
+                "--nproc_per_node",
+                "2",
+                "knowledge_distillation",
+                "--config",
+                "tiny/full_chunked",
+                f"assets_dir={tiny_assets.root}",
+                f"output_dir={out}",
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+            check=False,
+        )
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"in use by another run (host {socket.gethostname()}, pid {holder.pid}" in text, text
+    assert "Setup done" not in text and not (out / "metrics.jsonl").exists()
