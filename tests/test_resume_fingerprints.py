@@ -168,3 +168,15 @@ def test_a_changed_lora_base_checkpoint_is_named(tiny_assets, tmp_path):
 def test_the_allow_key_doc_names_every_accepted_name():
     text = doc(fingerprints.ALLOW_KEY)
     assert all(name in text for name in (*fingerprints.GROUPS, *fingerprints.MATH_KEYS))
+
+
+def test_a_checkpoint_without_fingerprints_resumes_with_a_warning(copy, tiny_assets):
+    data, out = copy
+    folder = latest_checkpoint(out)
+    manifest = read_manifest(folder)
+    del manifest["fingerprints"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_cfg(tiny_assets.root, data, out, "resume_from_checkpoint=true", "kd_ratio=0.7")
+    with pytest.warns(UserWarning, match="records no fingerprints"):
+        found, _, _ = read_resume_state(out, True, is_main=True, cfg=cfg)
+    assert found == folder

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,14 @@ def check(folder: Path, manifest: dict[str, Any], cfg: DictConfig) -> None:
             an unknown name in it), and the key that accepts them.
     """
     saved = manifest.get("fingerprints")
-    if not isinstance(saved, dict):
-        return  # a checkpoint of an older kdtune: nothing recorded to compare
+    if not isinstance(saved, dict):  # a checkpoint of an older kdtune
+        warnings.warn(
+            f"checkpoint {folder} records no fingerprints of its inputs (saved by an older "
+            "kdtune): the data, tokenizer, weights and settings it was trained with are not "
+            "compared with this config",
+            stacklevel=3,
+        )
+        return
     allowed = [str(name) for name in (cfg.get(ALLOW_KEY) or [])]
     known = (*GROUPS, *MATH_KEYS)
     unknown = [name for name in allowed if name not in known]
