@@ -2,8 +2,10 @@
 
 ``resume_from_checkpoint: true`` continues the most recently *saved* checkpoint of the
 branch trained last (see :mod:`kdtune.training.checkpoint.layout` for the lineage); a
-checkpoint failing the cheap checks, or whose training state does not load, falls back to the
-previous one of its branch with a warning naming both.
+checkpoint failing the cheap checks, whose training state does not load, or whose files do not
+match the SHA-256 written at save, falls back to the previous one of its branch with a warning
+naming both. The training state is read with ``weights_only=True``; the run's inputs are
+compared with the checkpoint's fingerprints (:mod:`~kdtune.training.checkpoint.fingerprints`).
 """
 
 from __future__ import annotations
