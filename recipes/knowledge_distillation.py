@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from kdtune import __version__
 from kdtune.teacher_cache import source as teacher_cache
-from kdtune.training import console, parallel, process_group
+from kdtune.training import console, parallel, process_group, run_lock
 from kdtune.training.adapters import freeze_all_but_adapters
-from kdtune.training.checkpoint import resume, save, state_dicts
+from kdtune.training.checkpoint import fingerprints, resume, save, state_dicts
 from kdtune.training.config.nodes import kd_vocab_columns
 from kdtune.training.config.rules import check_config
 from kdtune.training.data import (
@@ -97,6 +97,8 @@ class KDRecipe(FTRecipeInterface):
         cfg = check_config(cfg)  # the one config pass of the launch; preflight does the rest
         self._cfg = cfg
         self._runtime: Runtime = setup_runtime(cfg)
+        # One run per output_dir: a second one stops here, before anything is loaded.
+        self._run_lock = run_lock.hold_output_dir(cfg.output_dir, is_main=self._runtime.is_main)
         self._output_dir = Path(cfg.output_dir)
         self._kd_ratio = float(cfg.kd_ratio)
         self._accumulation = int(cfg.gradient_accumulation_steps)
@@ -120,7 +122,7 @@ class KDRecipe(FTRecipeInterface):
         cfg = self._cfg
         runtime = self._runtime
         resume_folder, resumed, self._lineage = resume.read_resume_state(
-            cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main
+            cfg.output_dir, cfg.resume_from_checkpoint, is_main=runtime.is_main, cfg=cfg
         )
         if resumed is not None:
             seed = resume.saved_seed(resumed, cfg.seed)
@@ -466,6 +468,7 @@ class KDRecipe(FTRecipeInterface):
                     "student": "lora" if self._is_lora else "full",
                     "merged_weights": not adapter_only,
                     "world_size": self._runtime.world_size,
+                    "fingerprints": fingerprints.record(self._cfg, is_lora=self._is_lora),
                 },
                 keep_last=self._cfg.keep_last_n_checkpoints,
             )
@@ -475,9 +478,11 @@ class KDRecipe(FTRecipeInterface):
         return folder
 
     def cleanup(self) -> None:
-        """Close the metric logger (also after a failed setup)."""
+        """Close the metric logger and free output_dir (also after a failed setup)."""
         if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
 
 
 @config.parse

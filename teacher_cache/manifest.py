@@ -138,13 +138,32 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"`kdtune cache-teacher --config <this config> teacher_cache={folder}` (a killed "
             "build resumes where it stopped)"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"teacher_cache = {str(folder)!r}: {path} is not valid JSON ({error}); "
+            f"{rebuild_hint(folder)}"
+        ) from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or manifest.get("format_version") != FORMAT_VERSION
+    ):
         raise ConfigError(
             f"teacher_cache = {str(folder)!r}: {MANIFEST} is not a kdtune teacher cache of format "
             f"version {FORMAT_VERSION}; rebuild it with `kdtune cache-teacher`"
         )
     return manifest
+
+
+def rebuild_hint(folder: str | Path) -> str:
+    """How to repair a cache: the build command keeps every shard whose file matches its
+    SHA-256 and rebuilds the others, then writes the manifest again."""
+    return (
+        f"repair it with `kdtune cache-teacher --config <your config> teacher_cache={folder}` "
+        "(rebuilds only missing or damaged shards)"
+    )
 
 
 def check_manifest(manifest: dict[str, Any], expected: dict[str, Any], folder: str | Path) -> None:

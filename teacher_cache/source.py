@@ -33,8 +33,11 @@ def open_for_training(cfg: DictConfig) -> TeacherCache | None:
     samples is compared once the data is loaded (:func:`check_num_samples`).
 
     Raises:
-        ConfigError: no (complete) cache in the folder, or one built for something else; the
-            message names every difference.
+        ConfigError: no (complete) cache in the folder, a broken manifest, a missing or
+            truncated shard (named, with the repairing command), or a cache built for
+            something else (the message names every difference). Shard contents are checked
+            against their SHA-256 when a batch first needs them
+            (:class:`~kdtune.teacher_cache.reader.TeacherCache`).
     """
     folder = cfg.get("teacher_cache")
     if folder is None:

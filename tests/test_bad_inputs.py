@@ -22,6 +22,7 @@ from torchtune.training import FullModelHFCheckpointer
 
 from kdtune.cli.main import main as kdtune_main
 from kdtune.recipes import knowledge_distillation as recipe_module
+from kdtune.teacher_cache.build import BuildOptions, build_teacher_cache, shard_name
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -110,6 +111,23 @@ def bad_special_tokens(cfg: DictConfig, folder: Path, assets_root: Path) -> None
     cfg.tokenizer.special_tokens_path = str(path)
 
 
+def damaged_cache(damage: Callable[[Path], None]) -> Prepare:
+    """A teacher cache built for the row's config (3 shards), then ``damage(cache_folder)``."""
+
+    def prepare(cfg: DictConfig, folder: Path, assets_root: Path) -> None:
+        cfg.teacher_cache = str(folder / "cache")
+        options = BuildOptions(top_k=8, knots=8, samples_per_shard=8, batch_size=8)
+        build_teacher_cache(cfg, options)
+        damage(folder / "cache")
+
+    return prepare
+
+
+def truncate_file(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+CACHED = "full_chunked_cached"
 LORA = "lora_chunked"
 TABLE = [
     # --- issue 21's rows -----------------------------------------------------------------------
@@ -274,6 +292,24 @@ TABLE = [
         "teacher_cache missing",
         ["teacher_cache", "/no/cache", "kdtune cache-teacher"],
         ["teacher_cache=/no/cache"],
+    ),
+    Row(
+        "teacher_cache manifest broken",
+        ["cache/manifest.json is not valid JSON", "kdtune cache-teacher --config"],
+        prepare=damaged_cache(lambda cache: truncate_file(cache / "manifest.json")),
+        config=CACHED,
+    ),
+    Row(
+        "teacher_cache shard missing",
+        [f"cache/{shard_name(1)} is missing", "teacher_cache=", "damaged shards"],
+        prepare=damaged_cache(lambda cache: (cache / shard_name(1)).unlink()),
+        config=CACHED,
+    ),
+    Row(
+        "teacher_cache shard truncated",
+        [f"cache/{shard_name(2)} has 1000 bytes", "kdtune cache-teacher --config"],
+        prepare=damaged_cache(lambda cache: truncate_file(cache / shard_name(2))),
+        config=CACHED,
     ),
     # --- data ---------------------------------------------------------------------------------
     Row(

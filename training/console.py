@@ -29,15 +29,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdtune.training import process_group
 from kdtune.training.checkpoint.layout import CheckpointError, CheckpointSaveError
+from kdtune.training.checkpoint.resume import UntrustedCheckpointError
 from kdtune.training.config.errors import ConfigError
 from kdtune.training.guard import TrainingStopped
+from kdtune.training.run_lock import OutputDirLockedError
 from kdtune.training.stop_signals import PREEMPTED_EXIT_CODE, Preempted
 
 LOGS_DIRNAME = "logs"
 VERBOSE_ENV = "KDTUNE_VERBOSE"
 USER_ERRORS = (ConfigError, TrainingStopped)
 """Errors whose message is the whole story: printed short unless verbose."""
-CHECKPOINT_ERRORS = (CheckpointError, CheckpointSaveError)
+CHECKPOINT_ERRORS = (CheckpointError, CheckpointSaveError, UntrustedCheckpointError)
 """A checkpoint that cannot be resumed or saved: raised to in-process callers (the Python API),
 printed short by the command line (``kdtune``'s console script; a recipe under torchrun)."""
 
@@ -162,7 +164,8 @@ def record_error(error: BaseException, output_dir: Any) -> None:
     hint = f"full traceback: kdtune run --verbose, or {VERBOSE_ENV}=1"
     if os.environ.get("RANK", "0") != "0":
         return
-    if isinstance(output_dir, str | Path) and Path(output_dir).is_dir():
+    foreign = isinstance(error, OutputDirLockedError)  # the folder is another run's
+    if isinstance(output_dir, str | Path) and Path(output_dir).is_dir() and not foreign:
         path = logs_dir(output_dir) / "error.log"
         try:
             path.parent.mkdir(exist_ok=True)

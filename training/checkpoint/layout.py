@@ -17,10 +17,11 @@ Layout under ``<output_dir>/checkpoints/``::
         training_state.pt      optimizer (keyed by parameter name), data-loader position,
                                every rank's RNG states, progress
         manifest.json          written last: a folder without it is incomplete. Lists every
-                               file with its size, and the lineage: ``run_id`` (one per
-                               launch), ``parent`` (the checkpoint the launch resumed from, or
-                               null), ``save_seq`` (1, 2, ... over the output folder) and
-                               ``saved_at``
+                               file with its size and SHA-256, the run's ``fingerprints``
+                               (:mod:`~kdtune.training.checkpoint.fingerprints`), and the
+                               lineage: ``run_id`` (one per launch), ``parent`` (the
+                               checkpoint the launch resumed from, or null), ``save_seq``
+                               (1, 2, ... over the output folder) and ``saved_at``
 
 Saving (rank 0; :func:`save_checkpoint_folder`): the checkpoint is assembled in
 ``.staging_step_N/``, every file and folder of it is fsynced, the manifest is written, and

@@ -2,13 +2,17 @@
 
 ``resume_from_checkpoint: true`` continues the most recently *saved* checkpoint of the
 branch trained last (see :mod:`kdtune.training.checkpoint.layout` for the lineage); a
-checkpoint failing the cheap checks, or whose training state does not load, falls back to the
-previous one of its branch with a warning naming both.
+checkpoint failing the cheap checks, whose training state does not load, or whose files do not
+match the SHA-256 written at save, falls back to the previous one of its branch with a warning
+naming both. The training state is read with ``weights_only=True``; the run's inputs are
+compared with the checkpoint's fingerprints (:mod:`~kdtune.training.checkpoint.fingerprints`).
 """
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
 import secrets
 import time
 import warnings
@@ -17,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchtune import config, training, utils
 
@@ -26,7 +31,7 @@ from kdtune.training.adapters import (
     dora_scales_a_bias,
     student_state_dict,
 )
-from kdtune.training.checkpoint import hf_export
+from kdtune.training.checkpoint import fingerprints, hf_export
 from kdtune.training.checkpoint.layout import (
     ADAPTER_DIRNAME,
     ADAPTER_FILENAME,
@@ -41,6 +46,7 @@ from kdtune.training.checkpoint.layout import (
     hf_weight_files,
     is_complete,
     manifest_or_none,
+    read_manifest,
     resume_order,
     save_order_key,
 )
@@ -53,25 +59,71 @@ log = utils.get_logger("INFO")
 _TRAINING_STATE_KEYS = ("optimizer", "dataloader", "rng", "run", "progress")
 
 
-def load_training_state(folder: Path) -> dict[str, Any]:
-    """The training state of a checkpoint (our own file: RNG states need full unpickling)."""
-    return torch.load(folder / TRAINING_STATE_FILENAME, map_location="cpu", weights_only=False)
+TRUST_PICKLE_KEY = "resume_trust_pickled_state"
 
 
-def load_checked_training_state(folder: Path) -> dict[str, Any]:
+class UntrustedCheckpointError(ValueError):
+    """A ``training_state.pt`` that only full unpickling reads (which can run code stored in
+    the file); refused unless :data:`TRUST_PICKLE_KEY` is true. Not a corrupt checkpoint: no
+    fallback to an earlier one."""
+
+
+def load_training_state(folder: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """The training state of a checkpoint, read with ``torch.load(weights_only=True)``.
+
+    Tensors and plain values only (:func:`capture_rng_state` stores the RNG states so). A file
+    that needs full unpickling (a checkpoint of kdtune before it stored numpy's state as a
+    tensor, or a crafted file) is refused, unless ``trust_pickle`` (then read with a warning).
+
+    Raises:
+        UntrustedCheckpointError: the file holds pickled objects and ``trust_pickle`` is false.
+    """
+    path = folder / TRAINING_STATE_FILENAME
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trust_pickle:
+            raise UntrustedCheckpointError(
+                f"{path} holds pickled Python objects ({_unsupported_global(error)}) that "
+                "weights-only loading refuses: an older kdtune checkpoint, or a crafted file; "
+                f"if you wrote it, resume with {TRUST_PICKLE_KEY}=true (full unpickling runs "
+                "any code stored in the file)"
+            ) from None
+    warnings.warn(
+        f"{path}: read with full unpickling ({TRUST_PICKLE_KEY} = true); the next checkpoint "
+        "is saved without pickled objects",
+        stacklevel=2,
+    )
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _unsupported_global(error: BaseException) -> str:
+    """The first global torch's weights-only unpickler refused, from its message."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return found.group(1) if found else "not tensors or plain values"
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def load_checked_training_state(folder: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
     """The training state of ``folder`` once the folder passes :func:`checkpoint_problem`.
 
     Raises:
         CheckpointError: naming ``folder`` and what is wrong with it.
+        UntrustedCheckpointError: see :func:`load_training_state`.
     """
     problem = checkpoint_problem(folder)
     if problem is None:
         try:
-            state = load_training_state(folder)
+            state = load_training_state(folder, trust_pickle=trust_pickle)
+        except UntrustedCheckpointError:
+            raise
         except Exception as error:  # a truncated or foreign file fails in many ways
-            first_line = str(error).splitlines()[0] if str(error) else ""
             problem = (
-                f"{TRAINING_STATE_FILENAME} does not load ({type(error).__name__}: {first_line})"
+                f"{TRAINING_STATE_FILENAME} does not load ({type(error).__name__}: "
+                f"{_first_line(error)})"
             )
         else:
             missing = [
@@ -79,13 +131,18 @@ def load_checked_training_state(folder: Path) -> dict[str, Any]:
                 for key in _TRAINING_STATE_KEYS
                 if not isinstance(state, dict) or key not in state
             ]
-            if not missing:
+            if missing:
+                problem = f"{TRAINING_STATE_FILENAME} lacks {', '.join(missing)}"
+            else:  # every file as the save wrote it (a same-size replacement included)
+                problem = fingerprints.file_hash_problem(folder, read_manifest(folder))
+            if problem is None:
                 return state
-            problem = f"{TRAINING_STATE_FILENAME} lacks {', '.join(missing)}"
     raise CheckpointError(f"checkpoint {folder} cannot be resumed from: {problem}")
 
 
-def _latest_resumable(output_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+def _latest_resumable(
+    output_dir: str | Path, trust_pickle: bool = False
+) -> tuple[Path, dict[str, Any]]:
     """The first checkpoint of :func:`resume_order` that loads, and its training state; a
     newer one that does not is skipped with a warning naming both."""
     folders = resume_order(output_dir)
@@ -98,7 +155,7 @@ def _latest_resumable(output_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     skipped: list[str] = []
     for folder in folders:
         try:
-            state = load_checked_training_state(folder)
+            state = load_checked_training_state(folder, trust_pickle=trust_pickle)
         except CheckpointError as error:
             skipped.append(str(error))
             continue
@@ -134,7 +191,7 @@ def abandoned_checkpoints(output_dir: str | Path, folder: Path) -> list[Path]:
 
 
 def resolve_resume(
-    output_dir: str | Path, resume_from_checkpoint: bool | str
+    output_dir: str | Path, resume_from_checkpoint: bool | str, *, trust_pickle: bool = False
 ) -> tuple[Path | None, dict[str, Any] | None]:
     """Which checkpoint to resume from and its training state: ``(None, None)`` for a fresh
     run, the most recently saved loadable one (``true``), or the given folder.
@@ -154,14 +211,14 @@ def resolve_resume(
             )
         return None, None
     if resume_from_checkpoint is True:
-        return _latest_resumable(output_dir)
+        return _latest_resumable(output_dir, trust_pickle)
     folder = Path(resume_from_checkpoint)
     if not is_complete(folder):
         raise CheckpointError(
             f"resume_from_checkpoint = {resume_from_checkpoint!r} is not a complete checkpoint "
             f"folder (no {MANIFEST_FILENAME}): use true for the latest one or a step_N folder"
         )
-    state = load_checked_training_state(folder)
+    state = load_checked_training_state(folder, trust_pickle=trust_pickle)
     abandoned = abandoned_checkpoints(output_dir, folder)
     if abandoned:
         warnings.warn(
@@ -191,10 +248,20 @@ def new_run_lineage(resume_folder: Path | None) -> dict[str, Any]:
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:
-    """Every random generator the run uses, to restore bit-for-bit on resume."""
+    """Every random generator the run uses, to restore bit-for-bit on resume, as tensors and
+    plain values (so ``training_state.pt`` loads with ``weights_only=True``): torch's (and
+    CUDA's) ``[N]`` uint8 state, numpy's MT19937 ``key`` as a ``[624]`` int64 tensor with its
+    ``pos``, ``has_gauss`` and ``gauss``, Python's ``random.getstate()`` (ints in tuples)."""
+    numpy_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": str(numpy_state["bit_generator"]),
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
         "python": random.getstate(),
     }
     if device.type == "cuda":
@@ -209,8 +276,18 @@ def rank_rng_state(saved: list[dict[str, Any]], rank: int) -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Set the generators to :func:`capture_rng_state`'s ``state`` (also the numpy tuple of
+    checkpoints from before it was stored as a tensor)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        saved = {
+            "bit_generator": saved["bit_generator"],
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    np.random.set_state(saved)
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -228,7 +305,11 @@ continue the same sequence of batches and steps."""
 
 
 def read_resume_state(
-    output_dir: str | Path, resume_from_checkpoint: bool | str, *, is_main: bool
+    output_dir: str | Path,
+    resume_from_checkpoint: bool | str,
+    *,
+    is_main: bool,
+    cfg: DictConfig | None = None,
 ) -> tuple[Path | None, dict[str, Any] | None, dict[str, Any]]:
     """The checkpoint to resume from and its training state (or ``None, None``), and this
     launch's lineage for its manifests (:func:`new_run_lineage`).
@@ -238,12 +319,21 @@ def read_resume_state(
     files nor the memory of the optimizer state) and shares the rest; an error there is
     raised on every rank. Only rank 0's state holds ``"optimizer"`` (it broadcasts it when
     loading). A collective under several processes.
+
+    ``cfg`` (the run's checked config) supplies :data:`TRUST_PICKLE_KEY`, and the inputs the
+    checkpoint's recorded fingerprints are compared with
+    (:func:`~kdtune.training.checkpoint.fingerprints.check`; ``resume_allow_changes``).
     """
+    trust_pickle = bool(cfg.get(TRUST_PICKLE_KEY, False)) if cfg is not None else False
     folder = state = shared = error = lineage = None
     if is_main:
         try:
             recover_interrupted_saves(output_dir)
-            folder, state = resolve_resume(output_dir, resume_from_checkpoint)
+            folder, state = resolve_resume(
+                output_dir, resume_from_checkpoint, trust_pickle=trust_pickle
+            )
+            if folder is not None and cfg is not None:
+                fingerprints.check(folder, read_manifest(folder), cfg)
         except (ValueError, OSError) as raised:
             error = raised
         if state is not None:

@@ -27,7 +27,7 @@ from kdtune.training.adapters import (
     lora_rank_and_alpha,
     merged_state_dict,
 )
-from kdtune.training.checkpoint import hf_export
+from kdtune.training.checkpoint import fingerprints, hf_export
 from kdtune.training.checkpoint.layout import (
     ADAPTER_DIRNAME,
     ADAPTER_FILENAME,
@@ -213,8 +213,8 @@ def save_checkpoint_folder(
     """Assemble ``checkpoints/step_N`` durably and atomically and return it (rank 0).
 
     In ``.staging_step_N/``: the weights, ``training_state.pt``, every file and folder
-    fsynced, then ``manifest.json`` (``manifest`` plus ``step``, the files with their sizes,
-    ``save_seq`` and ``saved_at``). Then the folder is renamed into place (an existing
+    fsynced, then ``manifest.json`` (``manifest`` plus ``step``, the files with their sizes and
+    SHA-256, ``save_seq`` and ``saved_at``). Then the folder is renamed into place (an existing
     ``step_N`` is set aside and deleted once the new one is in place) and the checkpoints
     folder fsynced.
 
@@ -247,7 +247,9 @@ def save_checkpoint_folder(
         sizes = _file_sizes(staging)
         fsync_tree(staging)
         payload = {**manifest, "step": step, **lineage, "files": sorted(sizes)}
-        _write_json_atomic(staging / MANIFEST_FILENAME, payload | {"file_sizes": sizes})
+        hashes = fingerprints.file_hashes(staging, sorted(sizes))  # checked on resume
+        payload |= {"file_sizes": sizes, "file_sha256": hashes}
+        _write_json_atomic(staging / MANIFEST_FILENAME, payload)
         _fsync(staging)
         _install(staging, root / name)
     except BaseException as error:

@@ -32,6 +32,8 @@ Block = typing.NewType("Block", dict)
 """A mapping of a feature's own keys (not a component), checked by that feature's code."""
 Components = typing.NewType("Components", list)
 """A component node, or a list of them (datasets, concatenated as torchtune does)."""
+Names = typing.NewType("Names", list)
+"""A list of names (strings)."""
 
 _REQUIRED = MISSING
 
@@ -131,6 +133,18 @@ class RecipeConfig:
     resume_from_checkpoint: bool | str = key(
         "false, true (the newest checkpoint of the branch trained last; a corrupt one falls back to the one before) or a checkpoint folder",
         False,
+    )
+    resume_trust_pickled_state: bool = key(
+        "true: read a checkpoint's training_state.pt that needs full unpickling (kdtune's older "
+        "checkpoints; it can run code stored in the file); false: refuse it",
+        False,
+    )
+    resume_allow_changes: Names | None = key(
+        "resuming refuses a checkpoint trained from other inputs (data, tokenizer, model, "
+        "student_base, teacher, or a key among dtype, kd_ratio, loss, kd_loss, optimizer, "
+        "lr_scheduler, epochs, shuffle, clip_grad_norm, on_policy); list the names to accept on "
+        "purpose",
+        None,
     )
     dataset: Components = key("training dataset (_component_, or a list of them)")
     validation_dataset: Component | None = key(
@@ -324,6 +338,8 @@ def _matches(value: Any, kind: Any) -> bool:
     if kind is Components:
         items = value if isinstance(value, ListConfig | list) else [value]
         return len(items) > 0 and all(_matches(item, Component) for item in items)
+    if kind is Names:
+        return isinstance(value, ListConfig | list) and all(isinstance(v, str) for v in value)
     if kind is bool:
         return isinstance(value, bool)
     if kind is int:
@@ -343,6 +359,7 @@ def _spell(kind: Any) -> str:
         Component: "a {_component_: ...} node",
         Block: "a mapping of its keys",
         Components: "a {_component_: ...} node or a list of them",
+        Names: "a list of names",
     }
     return names[kind]
 
