@@ -37,6 +37,8 @@ from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
+from kdtune.training.lm_head import last_position_logits
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -163,10 +165,9 @@ def _noise(generators: list[torch.Generator], vocab: int, device: torch.device) 
 
 
 def _last_position_logits(model: nn.Module, tokens: Tensor, **kwargs: Any) -> Tensor:
-    """fp32 logits of the last position, ``[B, V]``, whatever the model's chunked-output mode."""
-    output = model(tokens, **kwargs)
-    last = output[-1] if isinstance(output, list) else output
-    return last[:, -1].float()
+    """fp32 logits of the last position, ``[B, V]``, whatever the model's chunked-output mode
+    (only the last position is projected, as a 2-D matrix)."""
+    return last_position_logits(model, tokens, **kwargs).float()
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Tensor:
