@@ -183,6 +183,7 @@ def estimate_gib(case: Case) -> float:
         "torchtune_chunked": logits * (2 * b + 12),
         "kdtune_chunked": logits * (3 * b + 4) + 10 * 1024 * case.vocab,
         "kdtune_fused": 12 * chunk * 4,
+        "kdtune_fused_lowp": 12 * chunk * 4,  # the same chunks; only the weight-grad sum differs
         "kdtune_topk": 12 * chunk * 4 + 2 * 1024 * case.vocab * 4,
         "liger": 12 * 1024 * case.vocab * 4 + weight * b,
         "floor": 3 * chunk * b,

@@ -323,10 +323,29 @@ def run_worker(spec: dict) -> None:
 
     stamps: list[float] = []
     peaks: list[int] = []
+    # optional: profile the optimizer step after this many steps (spec["profile"]: a path)
+    profile_after = spec.get("profile_after")
+    profiler: list = []
+
+    cpu_stamps: list[float] = []  # process CPU time (all threads): less sensitive to load
 
     def after_step(optimizer, args, kwargs) -> None:
         stamps.append(time.perf_counter())
+        cpu_stamps.append(time.process_time())
         peaks.append(_status_kib("VmHWM"))
+        if profile_after is not None and len(stamps) == profile_after:
+            profiler.append(
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            )
+            profiler[0].__enter__()
+        elif profiler and len(stamps) == profile_after + 1:
+            profiler[0].__exit__(None, None, None)
+            averages = profiler[0].key_averages()
+            Path(spec["profile"]).write_text(
+                averages.table(
+                    sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40
+                )
+            )
 
     register_optimizer_step_post_hook(after_step)
     argv = spec["command"]
@@ -346,6 +365,7 @@ def run_worker(spec: dict) -> None:
             raise
     result = {
         "stamps": [t - started for t in stamps],
+        "cpu_stamps": cpu_stamps,
         "vmhwm_kib_after_steps": peaks,
         "vmhwm_kib_at_exit": _status_kib("VmHWM"),
         "torch_threads": torch.get_num_threads(),

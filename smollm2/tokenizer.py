@@ -28,6 +28,9 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by
 class SmolLM2Tokenizer(ModelTokenizer, Transform):
     """Byte-level BPE + ChatML for SmolLM2 (``<|im_start|>`` = BOS, ``<|im_end|>`` = EOS).
 
+    ``stop_tokens`` (what on-policy sampling stops at): ``<|im_end|>``, the EOS token and
+    ``<|endoftext|>``, each once.
+
     Args:
         path: folder with ``tokenizer.json`` and ``tokenizer_config.json`` (a converted or
             pruned SmolLM2 folder).
@@ -59,6 +62,11 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
             token.content: hf.token_to_id(token.content)
             for token in hf.get_added_tokens_decoder().values()
         }
+        # sampling stops at the end of the assistant's turn (or the end of the text)
+        endoftext = hf.token_to_id(ENDOFTEXT)
+        self.stop_tokens = list(
+            dict.fromkeys(i for i in (self.im_end_id, self.eos_id, endoftext) if i is not None)
+        )
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.max_seq_len = max_seq_len
         self.default_system_prompt = default_system_prompt

@@ -10,7 +10,9 @@ The config is the KD config training will use: the same tokenizer, dataset, coll
 recipe does, in the config's ``dtype``; ``kd_loss.temperature`` is the cache's temperature and
 ``kd_loss.vocab_columns`` (if set) the compared vocabulary.
 
-Work is split into shards of ``--samples_per_shard`` consecutive samples (dataset order);
+Work is split into shards of ``--samples_per_shard`` consecutive samples (dataset order; by
+default 256, or fewer so that a shard stays under ``--max_shard_bytes``, 64 MiB: a killed
+build loses at most one shard's work);
 under ``torchrun`` rank r builds shards r, r + W, ... on its own device (every rank holds a
 whole teacher; no process group is needed). Each shard is written to a temporary file, renamed
 into place, then recorded with its SHA-256 in ``<shard>.json``. A rerun after a kill keeps every
@@ -84,7 +86,8 @@ class BuildOptions:
     top_k: int = 128
     knots: int = DEFAULT_KNOTS
     value_dtype: str = "float16"
-    samples_per_shard: int = 2048
+    samples_per_shard: int | None = None  # None: auto_samples_per_shard
+    max_shard_bytes: int = 64 * 2**20  # the auto size's byte bound
     batch_size: int | None = None  # None: the config's batch_size
     positions_per_chunk: int = 512  # rows projected to [n, V] fp32 logits at once (~3 copies)
 
@@ -129,11 +132,30 @@ def _check_build_config(cfg: DictConfig) -> Path:
     return Path(str(cfg.teacher_cache))
 
 
-def _plan(cfg: DictConfig, options: BuildOptions, num_samples: int) -> dict[str, Any]:
+MAX_SAMPLES_PER_SHARD = 256
+"""The auto shard size's sample bound: a killed build loses at most this many samples' work."""
+
+
+def auto_samples_per_shard(
+    bytes_per_position: int, max_seq_len: int | None, max_shard_bytes: int
+) -> int:
+    """Samples per shard: ``MAX_SAMPLES_PER_SHARD``, or fewer so that a shard of samples of
+    ``max_seq_len`` tokens (2,048 if unknown), every one a target, stays under
+    ``max_shard_bytes`` (plus 24 bytes per sample of index, offset and fingerprint)."""
+    per_sample = bytes_per_position * (max_seq_len or 2048) + 24
+    return max(1, min(MAX_SAMPLES_PER_SHARD, max_shard_bytes // per_sample))
+
+
+def _plan(
+    cfg: DictConfig, options: BuildOptions, num_samples: int, max_seq_len: int | None = None
+) -> dict[str, Any]:
     """Everything that determines the cache's contents (a resumed build must match it)."""
     vocab = describe_model(cfg.teacher_model).vocab_size
     columns = kd_options(cfg)["vocab_columns"]
     codec = TopKCodec(options.top_k, int(columns or vocab), options.knots, options.value_dtype)
+    per_shard = options.samples_per_shard or auto_samples_per_shard(
+        codec.describe()["bytes_per_position"], max_seq_len, options.max_shard_bytes
+    )
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -143,8 +165,8 @@ def _plan(cfg: DictConfig, options: BuildOptions, num_samples: int) -> dict[str,
         "encoding": codec.describe(),
         "identity": data_identity(cfg, num_samples),
         "teacher": teacher_fingerprint(cfg),
-        "samples_per_shard": options.samples_per_shard,
-        "num_shards": -(-num_samples // options.samples_per_shard),
+        "samples_per_shard": per_shard,
+        "num_shards": -(-num_samples // per_shard),
     }
 
 
@@ -342,7 +364,9 @@ def build_teacher_cache(cfg: DictConfig, options: BuildOptions) -> dict[str, Any
     folder = _check_build_config(cfg)
     worker = _worker(cfg)
     builder = _ShardBuilder(cfg, options, worker.device)
-    plan = _plan(cfg, options, len(builder.dataset))
+    plan = _plan(
+        cfg, options, len(builder.dataset), getattr(builder.tokenizer, "max_seq_len", None)
+    )
     builder.start(plan)
     _start_or_resume(folder, plan, worker)
     numbers = list(range(worker.rank, plan["num_shards"], worker.world_size))
@@ -427,7 +451,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples_per_shard",
         type=int,
         default=defaults.samples_per_shard,
-        help="samples per shard file (the unit of resumption and of work per rank)",
+        help="samples per shard file (the unit of resumption and of work per rank; default: "
+        f"{MAX_SAMPLES_PER_SHARD}, or fewer to keep a shard under --max_shard_bytes)",
+    )
+    parser.add_argument(
+        "--max_shard_bytes",
+        type=int,
+        default=defaults.max_shard_bytes,
+        help="byte bound of the default shard size (samples of max_seq_len tokens)",
     )
     parser.add_argument(
         "--batch_size", type=int, default=None, help="teacher batch size (default: batch_size)"
@@ -436,7 +467,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_options(args: argparse.Namespace) -> dict[str, Any]:
     """The build options given on a command line (to pass them on to torchrun's processes)."""
-    names = ("top_k", "knots", "value_dtype", "samples_per_shard", "batch_size")
+    names = ("top_k", "knots", "value_dtype", "samples_per_shard", "max_shard_bytes", "batch_size")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -37,6 +37,8 @@ from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
+from kdtune.training.lm_head import last_position_logits
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -83,15 +85,35 @@ def has_answer(dataset: Any, index: int) -> bool:
     return bool(messages) and messages[-1].role == "assistant" and bool(messages[-1].text_content)
 
 
-def _messages(dataset: Any, index: int) -> list[Message]:
-    transform = getattr(dataset, "_message_transform", None)
-    if transform is None or not hasattr(dataset, "_data"):
+def check_prompt_dataset(dataset: Any, *, key: str = "dataset") -> None:
+    """Raise unless ``dataset`` can give prompts: a torchtune ``SFTDataset`` (its records go
+    through a message transform, then the model tokenizer)."""
+    if not all(
+        hasattr(dataset, name) for name in ("_message_transform", "_model_transform", "_data")
+    ):
         raise ValueError(
-            f"on-policy steps need a torchtune SFTDataset (instruct, chat or alpaca dataset) to "
-            f"read prompts from, got {type(dataset).__name__}; packed and concatenated datasets "
-            "are not supported with on_policy.fraction > 0"
+            f"{key}: on-policy steps (on_policy.fraction > 0) need a torchtune SFTDataset "
+            f"(instruct_dataset, chat_dataset, alpaca_dataset, ...) to read prompts from, got "
+            f"{type(dataset).__name__}: use such a dataset (unpacked, not concatenated) or set "
+            "on_policy: null"
         )
-    return list(transform(dataset._data[index])["messages"])
+
+
+def check_prompt_tokenizer(tokenizer: Any) -> None:
+    """Raise unless ``tokenizer`` has what sampling needs: ``stop_tokens`` and ``pad_id``."""
+    stops = getattr(tokenizer, "stop_tokens", None)
+    if not stops or not isinstance(getattr(tokenizer, "pad_id", None), int):
+        raise ValueError(
+            f"tokenizer: on-policy sampling needs the tokenizer's stop_tokens (ids that end a "
+            f"completion) and pad_id, but {type(tokenizer).__name__} has stop_tokens="
+            f"{stops!r}, pad_id={getattr(tokenizer, 'pad_id', None)!r}: give the tokenizer "
+            "class both attributes, or set on_policy: null"
+        )
+
+
+def _messages(dataset: Any, index: int) -> list[Message]:
+    check_prompt_dataset(dataset)
+    return list(dataset._message_transform(dataset._data[index])["messages"])
 
 
 def prompt_tokens(dataset: Any, index: int) -> list[int]:
@@ -101,8 +123,8 @@ def prompt_tokens(dataset: Any, index: int) -> list[int]:
     tokenises the conversation with the answer removed and no end tokens, so the prompt is
     exactly the prefix an off-policy sample of the same record starts with.
     """
-    tokenizer = dataset._model_transform
     messages = _conversation_without_answer(_messages(dataset, index))
+    tokenizer = dataset._model_transform
     tokens, _ = tokenizer.tokenize_messages(messages, add_end_tokens=False)
     return list(tokens)
 
@@ -163,10 +185,9 @@ def _noise(generators: list[torch.Generator], vocab: int, device: torch.device) 
 
 
 def _last_position_logits(model: nn.Module, tokens: Tensor, **kwargs: Any) -> Tensor:
-    """fp32 logits of the last position, ``[B, V]``, whatever the model's chunked-output mode."""
-    output = model(tokens, **kwargs)
-    last = output[-1] if isinstance(output, list) else output
-    return last[:, -1].float()
+    """fp32 logits of the last position, ``[B, V]``, whatever the model's chunked-output mode
+    (only the last position is projected, as a 2-D matrix)."""
+    return last_position_logits(model, tokens, **kwargs).float()
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Tensor:

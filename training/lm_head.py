@@ -93,11 +93,15 @@ def chunked_logits(model: nn.Module, tokens: Tensor, **forward_kwargs: Any) -> l
 
     The same list of ``[B, S_i, V]`` chunks in the model's dtype as torchtune's
     ``chunked_output`` (``model.output`` applied to ``h.chunk(num_output_chunks, dim=1)``), but
-    the output layer sees ``[B * S_i, D]``: on CPU a bf16 ``F.linear`` of a 3-D input that needs
-    no gradient (a teacher's, under ``no_grad``) runs as a batched matmul about 30x slower than
-    the same product on the 2-D view. Like :func:`forward_hidden`, the model runs through
-    ``model(...)`` (every hook, FSDP2's included) with ``chunked_output`` shadowed for the call,
-    so the output layer runs inside the forward, whatever its type (quantised, tied).
+    the output layer sees ``[B * S_i, D]``. A chunk is a non-contiguous slice of ``h``, and
+    ``aten::matmul`` folds a 3-D input into one 2-D product only when the weight needs a
+    gradient; for a frozen head (a teacher's, a LoRA student's frozen or tied output) it runs a
+    batched matmul over a copy of the weight expanded per batch row instead (on CPU, bf16, about
+    30x slower under ``no_grad``, 6x for a LoRA student's forward and backward). Used for the
+    teacher and the student alike; the gradient w.r.t. ``h`` flows through the reshape. Like
+    :func:`forward_hidden`, the model runs through ``model(...)`` (every hook, FSDP2's included)
+    with ``chunked_output`` shadowed for the call, so the output layer runs inside the forward,
+    whatever its type (quantised, tied, LoRA).
     """
     _check_decoder(model)
     if "chunked_output" in vars(model):
@@ -107,6 +111,32 @@ def chunked_logits(model: nn.Module, tokens: Tensor, **forward_kwargs: Any) -> l
         return model(tokens, **forward_kwargs)
     finally:
         del model.chunked_output
+
+
+def _last_position_only(model: nn.Module, h: Tensor) -> Tensor:
+    """Stands in for ``TransformerDecoder.unembed``: final norm and projection of the last
+    position only, as ``[B, 1, D]`` -> ``[B, 1, V]`` (a 2-D product when ``B`` is 1)."""
+    last = model.norm(h[:, -1:])
+    return model.output(last.reshape(-1, last.shape[-1])).view(*last.shape[:-1], -1)
+
+
+def last_position_logits(model: nn.Module, tokens: Tensor, **forward_kwargs: Any) -> Tensor:
+    """Logits of the last position only, ``[B, V]`` in the model's dtype (for decoding).
+
+    The output layer runs on ``[B, D]`` inside the forward (``unembed`` shadowed, as in
+    :func:`forward_hidden`), whatever the model's chunked-output setting: a prefill of ``P``
+    prompt tokens projects one row per sequence instead of ``P``, and no chunk list is formed.
+    """
+    _check_decoder(model)
+    if "unembed" in vars(model):
+        raise ValueError("model.unembed is already overridden on the instance.")
+    model.unembed = lambda h: _last_position_only(model, h)
+    try:
+        output = model(tokens, **forward_kwargs)
+    finally:
+        del model.unembed
+    output = output[-1] if isinstance(output, list) else output
+    return output[:, -1]
 
 
 def _projection_module(model: nn.Module) -> tuple[nn.Module, Tensor | None]:

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from kdtune.training.config.schema import block_problems, block_values
 from kdtune.training.generation import (
     SamplingOptions,
+    check_prompt_dataset,
+    check_prompt_tokenizer,
     completion_batch,
     generate,
     has_answer,
@@ -109,6 +111,13 @@ def check_answers(dataset: Any, settings: OnPolicySettings, *, key: str = "datas
         )
 
 
+def check_can_sample(dataset: Any, tokenizer: Any, *, key: str = "dataset") -> None:
+    """On-policy steps read prompts from ``dataset`` and stop sampling at the tokenizer's
+    stop tokens: raise (naming ``key`` or ``tokenizer`` and the fix) if either cannot."""
+    check_prompt_dataset(sft_dataset(dataset), key=key)
+    check_prompt_tokenizer(tokenizer)
+
+
 def _lockstep_finished(finished: Tensor) -> bool:
     """True once every row on every rank has stopped (one all-reduce per decode step)."""
     running = (~finished.all()).to(torch.int32).reshape(1)  # 1 while this rank has rows left
@@ -140,6 +149,8 @@ class Rollout:
     ) -> None:
         self.settings = settings
         self._dataset = sft_dataset(dataset)
+        check_prompt_dataset(self._dataset)
+        check_prompt_tokenizer(tokenizer)
         self._stop_ids = list(tokenizer.stop_tokens)
         self._pad_id = tokenizer.pad_id
         self._seed = seed

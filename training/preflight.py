@@ -34,8 +34,9 @@ from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training.config.errors import ConfigError, Problems
 from kdtune.training.config.nodes import kd_vocab_columns
 from kdtune.training.config.rules import config_problems
-from kdtune.training.data import steps_per_epoch
+from kdtune.training.data import build_dataset_node, steps_per_epoch
 from kdtune.training.data_scan import DataScan, judge_scan, scan_dataset
+from kdtune.training.generation import check_prompt_dataset, check_prompt_tokenizer
 from kdtune.training.metrics import MetricsWriter
 from kdtune.training.model_facts import (
     HF_ARCHITECTURE_FIELDS,
@@ -43,7 +44,7 @@ from kdtune.training.model_facts import (
     describe_model,
     tokenizer_max_id,
 )
-from kdtune.training.on_policy import on_policy_settings
+from kdtune.training.on_policy import on_policy_settings, sft_dataset
 
 log = utils.get_logger("INFO")
 
@@ -101,6 +102,8 @@ def _check_after_config(
     report.tokenizer = _guarded(problems, _build_tokenizer, cfg, problems)
     if report.tokenizer is None:
         return report
+    if not problems.blocks("on_policy") and on_policy_settings(cfg.get("on_policy")) is not None:
+        _check_on_policy(cfg, report.tokenizer, problems)
     teacher_ok = report.teacher is not None or cfg.get("teacher_model") is None
     if report.student is not None and teacher_ok:
         max_id = _guarded(problems, tokenizer_max_id, report.tokenizer)
@@ -269,6 +272,33 @@ def _build_tokenizer(cfg: DictConfig, problems: Problems) -> Any:
             "tokenizer",
         )
         return None
+
+
+def _check_on_policy(cfg: DictConfig, tokenizer: Any, problems: Problems) -> None:
+    """On-policy steps read prompts from the training dataset (one torchtune ``SFTDataset``)
+    and stop sampling at the tokenizer's stop tokens: checked here, as the run checks them."""
+    try:
+        check_prompt_tokenizer(tokenizer)
+    except ValueError as error:
+        problems.error(str(error), "tokenizer")
+    if isinstance(cfg.get("dataset"), ListConfig):
+        problems.error(
+            "dataset: on-policy steps (on_policy.fraction > 0) read prompts from one dataset, "
+            "not a list of them: keep one dataset node, or set on_policy: null",
+            "on_policy",
+        )
+        return
+    for key, node in _dataset_nodes(cfg):
+        if key == "validation_dataset" or problems.blocks(key):
+            continue
+        try:
+            dataset = build_dataset_node(key, node, tokenizer)
+        except ConfigError:
+            continue  # the data scan reports it
+        try:
+            check_prompt_dataset(sft_dataset(dataset), key=key)
+        except ValueError as error:
+            problems.error(str(error), "on_policy")
 
 
 def _dataset_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:

@@ -69,7 +69,9 @@ class ChunkedLossStep:
     ) -> MicroBatchLoss:
         """``tokens``, ``labels``: ``[B, S]``; ``num_tokens``: 0-dim step token count;
         ``model_kwargs``: passed to both models' forward (a packed batch's mask, input_pos)."""
-        student_logits = student(tokens, **model_kwargs)  # list of [B, S_i, V] chunks
+        # list of [B, S_i, V] chunks, each projected as a 2-D matrix (a frozen head's 3-D
+        # chunks would run as a batched matmul over a per-row copy of the weight)
+        student_logits = chunked_logits(student, tokens, **model_kwargs)
         if isinstance(teacher, TopKTeacher):  # cached top-k rows (kdtune.teacher_cache)
             teacher_logits = teacher
         elif teacher is not None:
