@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_PACKAGE = {"tests", "benchmarks", "scripts", "build", "docs"}
 
 FLOORS: list[tuple[str, ...]] = [
-    ("kdtune", "kdtune.configs", "kdtune.assets"),
+    ("kdtune", "kdtune.configs", "kdtune.assets", "kdtune.models"),
     ("kdtune.losses",),
     ("kdtune.training.config",),
-    ("kdtune.training", "kdtune.teacher_cache"),
+    ("kdtune.training", "kdtune.teacher_cache", "kdtune.pruning"),
     ("kdtune.recipes",),
     ("kdtune.smollm2", "kdtune.demo"),
     ("kdtune.cli",),
