@@ -7,9 +7,9 @@ A YAML config points its ``model`` at the folder instead of hard-coding dimensio
       folder: ${assets_dir}/students/width_half
 
 ``head_dim`` is read from the config (``hidden_size // num_attention_heads`` when absent), so a
-width-pruned model whose hidden size is not ``heads * head_dim`` builds too (torchtune's
-``llama3_2`` / ``qwen2`` builders derive ``head_dim = embed_dim // num_heads`` and cannot build
-it; hence this builder). Supported: ``model_type`` ``llama`` (plain RoPE or Llama-3.1
+width-pruned model whose hidden size is not ``heads * head_dim`` (or not even a multiple of the
+head count: 384 hidden, 9 heads of 64) builds too. torchtune's ``llama3_2`` / ``qwen2`` builders
+derive ``head_dim = embed_dim // num_heads`` and cannot build it; hence this builder. Supported: ``model_type`` ``llama`` (plain RoPE or Llama-3.1
 ``rope_type: llama3`` scaling, tied or untied head, no attention/MLP biases) and ``qwen2`` (q/k/v
 biases, plain RoPE in Qwen's half-split layout).
 """
@@ -123,7 +123,9 @@ def llama_from_hf_config(
     layers = nn.ModuleList()
     for _ in range(config["num_hidden_layers"]):
         attn = MultiHeadAttention(
-            embed_dim=dim,
+            # torchtune only checks embed_dim % num_heads == 0 and stores it; the projections
+            # below carry the real sizes, so pass the attention width (hidden may differ).
+            embed_dim=heads * head_dim,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,

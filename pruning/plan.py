@@ -186,6 +186,12 @@ def target_shape(source: Shape, request: Request) -> tuple[Shape, list[int] | No
     if request.hidden is not None:
         _check_size("--hidden", request.hidden, source.hidden, "hidden channels")
         shape = replace(shape, hidden=request.hidden)
+    if shape.hidden % shape.heads:
+        raise PruneError(
+            f"--hidden {shape.hidden} is not divisible by the {shape.heads} kept heads "
+            "(transformers requires hidden_size % num_attention_heads == 0); pass a multiple "
+            f"of {shape.heads}"
+        )
     return shape, dropped
 
 
@@ -222,9 +228,11 @@ def _kv_heads(source: Shape, heads: int | None, kv_heads: int | None) -> int:
 def search_shape(source: Shape, target: int, axes: tuple[str, ...], with_embeddings: bool) -> Shape:
     """The most even shrink of the allowed axes whose count is within 1% of ``target``.
 
-    Candidates: every layer count (depth), every KV-group count (heads, whole groups), MLP and
-    hidden widths in :func:`multiple_for` steps. Among those within 1% of ``target`` (or, if
-    none, the closest), the one whose smallest kept fraction over the allowed axes is largest.
+    Candidates: every layer count (depth), every KV-group count (heads, whole groups), MLP
+    widths in :func:`multiple_for` steps, hidden widths that are multiples of 8 and of the head
+    count (transformers requires ``hidden_size % num_attention_heads == 0``). Among those within
+    1% of ``target`` (or, if none, the closest), the one whose smallest kept fraction over the
+    allowed axes is largest; then hidden widths that are multiples of 64; then the closest.
     """
     if not axes:
         raise PruneError("--axes: no axis allowed; name at least one of depth,heads,mlp,hidden")
@@ -243,7 +251,9 @@ def search_shape(source: Shape, target: int, axes: tuple[str, ...], with_embeddi
     for layers in sizes("depth", source.layers, 1):
         for kv in sizes("heads", source.kv_heads, 1):
             for mlp in sizes("mlp", source.mlp, multiple_for(source.mlp)):
-                for hidden in sizes("hidden", source.hidden, multiple_for(source.hidden)):
+                for hidden in sizes("hidden", source.hidden, 8):
+                    if hidden % (kv * source.group):
+                        continue
                     shape = replace(
                         source,
                         layers=layers,
@@ -257,7 +267,7 @@ def search_shape(source: Shape, target: int, axes: tuple[str, ...], with_embeddi
                     options.append((gap, kept, shape))
     closest = min(gap for gap, _, _ in options)
     eligible = [o for o in options if o[0] <= max(closest, 0.01)]
-    return max(eligible, key=lambda o: (o[1], -o[0]))[2]
+    return max(eligible, key=lambda o: (round(o[1], 2), o[2].hidden % 64 == 0, -o[0]))[2]
 
 
 def pruned_config(config: dict[str, Any], shape: Shape) -> dict[str, Any]:

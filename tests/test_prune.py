@@ -39,7 +39,8 @@ DIMS = {"layers": 3, "hidden": 48, "heads": 6, "kv_heads": 3, "head_dim": 12, "m
 def write_source(folder: Path, kind: str = "llama", seed: int = 0) -> Path:
     """A tiny HF folder made by transformers (``kind``: llama, llama_tied, qwen2).
 
-    ``hidden`` (48) is not ``heads * head_dim`` (72): the builder must take head_dim as given.
+    ``hidden`` (48) is not ``heads * head_dim`` (72): the builder must take head_dim as given;
+    the width test prunes hidden to 36 with 4 heads (36 != 4 * 12).
     """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -264,7 +265,7 @@ def test_width_pruned_folder_loads_the_same_in_transformers_torchtune_and_kdtune
     record = prune_folder(
         src,
         dst,
-        Request(layers=2, heads=4, mlp=40, hidden=32),
+        Request(layers=2, heads=4, mlp=40, hidden=36),
         config="tiny/full_chunked",
         overrides=[f"assets_dir={tiny_assets.root}"],
         samples=4,
@@ -274,7 +275,7 @@ def test_width_pruned_folder_loads_the_same_in_transformers_torchtune_and_kdtune
     config = json.loads((dst / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_attention_heads"]) == (2, 4)
     assert (config["num_key_value_heads"], config["head_dim"]) == (2, DIMS["head_dim"])
-    assert (config["intermediate_size"], config["hidden_size"]) == (40, 32)
+    assert (config["intermediate_size"], config["hidden_size"]) == (40, 36)
     assert (dst / "tokenizer_config.json").is_file()
     assert record["params"]["total"] == sum(
         t.numel() for t in load_file(dst / "model.safetensors").values()
@@ -321,7 +322,7 @@ def test_target_params_choose_valid_sizes_near_the_target():
         shape = search_shape(smollm2, target, parse_axes(axes), False)
         assert abs(shape.params(embeddings=False) - target) / target < 0.02, axes
         assert shape.head_dim == 64 and shape.heads == 3 * shape.kv_heads
-        assert shape.hidden % 64 == 0 and shape.mlp % 64 == 0
+        assert shape.hidden % 8 == 0 and shape.hidden % shape.heads == 0 and shape.mlp % 64 == 0
         if "depth" not in axes:
             assert shape.layers == 30
         if "hidden" not in parse_axes(axes):
@@ -350,6 +351,7 @@ def nothing_loads(monkeypatch):
         (Request(heads=4, kv_heads=1), "grouping must stay"),
         (Request(mlp=81), "--mlp 81: the source has only 80"),
         (Request(hidden=0), "--hidden 0: must be at least 1"),
+        (Request(hidden=42, heads=4), "--hidden 42 is not divisible by the 4 kept heads"),
         (Request(layers=4), "--layers 4: the source has only 3"),
         (Request(drop_layers="2-1"), "reversed"),
         (Request(drop_layers="0,0-1"), "names a layer twice"),
