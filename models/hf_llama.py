@@ -7,9 +7,10 @@ A YAML config points its ``model`` at the folder instead of hard-coding dimensio
       folder: ${assets_dir}/students/width_half
 
 ``head_dim`` is read from the config (``hidden_size // num_attention_heads`` when absent), so a
-width-pruned model whose hidden size is not ``heads * head_dim`` (or not even a multiple of the
-head count: 384 hidden, 9 heads of 64) builds too. torchtune's ``llama3_2`` / ``qwen2`` builders
-derive ``head_dim = embed_dim // num_heads`` and cannot build it; hence this builder. Supported: ``model_type`` ``llama`` (plain RoPE or Llama-3.1
+width-pruned model whose hidden size is not ``heads * head_dim`` (432 hidden, 6 heads of 64)
+builds too. torchtune's ``llama3_2`` / ``qwen2`` builders derive ``head_dim = embed_dim //
+num_heads`` and cannot build it; hence this builder. ``hidden_size`` must still be a multiple of
+the head count (torchtune's attention and transformers 5 both check it). Supported: ``model_type`` ``llama`` (plain RoPE or Llama-3.1
 ``rope_type: llama3`` scaling, tied or untied head, no attention/MLP biases) and ``qwen2`` (q/k/v
 biases, plain RoPE in Qwen's half-split layout).
 """
@@ -72,10 +73,10 @@ def check_llama_family(config: dict[str, Any], where: str = "config.json") -> No
             f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
             f"{kv_heads}"
         )
-    if "head_dim" not in config and config["hidden_size"] % heads:
+    if config["hidden_size"] % heads:
         raise ValueError(
             f"{where}: hidden_size {config['hidden_size']} is not divisible by "
-            f"num_attention_heads {heads} and no head_dim is given; add head_dim"
+            f"num_attention_heads {heads} (torchtune and transformers require it)"
         )
 
 
@@ -123,9 +124,7 @@ def llama_from_hf_config(
     layers = nn.ModuleList()
     for _ in range(config["num_hidden_layers"]):
         attn = MultiHeadAttention(
-            # torchtune only checks embed_dim % num_heads == 0 and stores it; the projections
-            # below carry the real sizes, so pass the attention width (hidden may differ).
-            embed_dim=heads * head_dim,
+            embed_dim=dim,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,

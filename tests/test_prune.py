@@ -29,6 +29,7 @@ from kdtune.pruning.plan import (
     search_shape,
 )
 from kdtune.pruning.scores import score_model
+from kdtune.training.model_facts import model_architecture
 
 pytestmark = pytest.mark.usefixtures("one_thread_and_restored_torch_globals")
 
@@ -291,6 +292,8 @@ def test_width_pruned_folder_loads_the_same_in_transformers_torchtune_and_kdtune
         output_dir=str(tmp_path / "out"),
     )
     model = llama_from_hf_folder(dst)
+    # the recipe's preflight compares these with config.json (training.model_facts)
+    assert model_architecture(model) == {k: config[k] for k in model_architecture(model)}
     model.load_state_dict(checkpointer.load_checkpoint()["model"])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(TOKENS), expected, rtol=0, atol=1e-4)
@@ -392,7 +395,6 @@ def test_bad_folders_fail_before_loading(tmp_path, nothing_loads):
     with pytest.raises(PruneError, match="not a Llama-family causal LM"):
         prune_folder(src, tmp_path / "dst", Request())
     odd = {**config, "num_attention_heads": 5, "num_key_value_heads": 5}
-    del odd["head_dim"]
     (src / "config.json").write_text(json.dumps(odd))
     with pytest.raises(
         PruneError, match="hidden_size 48 is not divisible by num_attention_heads 5"
