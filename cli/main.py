@@ -8,6 +8,8 @@
     kdtune cp tiny/full_chunked ./my_kd.yaml               copy a config to edit it
     kdtune validate --config ./my_kd.yaml [key=value ...]  check a config without training
     kdtune cache-teacher --config <name|path> teacher_cache=DIR [--top_k K] [key=value ...]
+    kdtune prune SRC DST [--layers N | --drop-layers 3,5-7] [--heads H] [--mlp M] [--hidden D]
+                 [--target-params N --axes depth,width] --config <name|path> [key=value ...]
 
 Subcommands are entries of :data:`COMMANDS` (name -> :class:`Command`); adding one is adding
 an entry (``eval`` and ``demo`` plug in there).
@@ -238,6 +240,18 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     return build.main(argv)
 
 
+def _add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    from kdtune.pruning.command import add_prune_arguments
+
+    add_prune_arguments(parser)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from kdtune.pruning.command import prune_main
+
+    return prune_main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "run": Command("run a recipe with a config", _add_run_arguments, _run, takes_overrides=True),
     "ls": Command("list recipes and their configs", _add_ls_arguments, _ls),
@@ -249,6 +263,12 @@ COMMANDS: dict[str, Command] = {
         "cache a KD config's teacher top-k log-probs (then train with teacher_cache=DIR)",
         _add_cache_teacher_arguments,
         _cache_teacher,
+        takes_overrides=True,
+    ),
+    "prune": Command(
+        "prune a Llama-family HF folder (depth, heads, MLP, hidden; Minitron-style)",
+        _add_prune_arguments,
+        _prune,
         takes_overrides=True,
     ),
 }

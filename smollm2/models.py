@@ -10,6 +10,8 @@ from __future__ import annotations
 from torchtune.models.llama3_2 import llama3_2
 from torchtune.modules import TransformerDecoder
 
+from kdtune.models.hf_llama import llama_from_hf_config
+
 SMOLLM2_135M = {
     "vocab_size": 49_152,
     "num_layers": 30,
@@ -58,23 +60,6 @@ def smollm2(
 
 
 def smollm2_from_hf_config(config: dict) -> TransformerDecoder:
-    """The decoder a Hugging Face ``config.json`` (as a dict) describes."""
-    return smollm2(
-        vocab_size=config["vocab_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        num_kv_heads=config["num_key_value_heads"],
-        embed_dim=config["hidden_size"],
-        intermediate_dim=config["intermediate_size"],
-        norm_eps=config["rms_norm_eps"],
-        rope_base=_rope_theta(config),
-        max_seq_len=config.get("max_position_embeddings", 8192),
-    )
-
-
-def _rope_theta(config: dict) -> float:
-    """transformers 5 writes ``rope_parameters.rope_theta``; older versions ``rope_theta``."""
-    parameters = config.get("rope_parameters") or {}
-    if parameters.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json: RoPE scaling {parameters} is not SmolLM2's plain RoPE")
-    return parameters.get("rope_theta", config.get("rope_theta", 10_000.0))
+    """The decoder a Hugging Face ``config.json`` (as a dict) describes: any Llama-family shape,
+    also width-pruned ones (:func:`kdtune.models.llama_from_hf_config`)."""
+    return llama_from_hf_config(config)

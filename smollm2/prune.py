@@ -2,30 +2,23 @@
 
 Keeping whole decoder layers (and the embeddings, final norm, tokenizer) gives a student that
 shares the teacher's tokenizer and width, the usual start for prune-then-distil (Minitron).
-Works on any Llama-family HF folder (``model.layers.N.*`` weight names).
+Works on any Llama-family HF folder; ``kdtune prune`` (:mod:`kdtune.pruning`) does the work and
+also prunes heads, MLP and hidden channels by importance.
 
 ::
 
     python -m kdtune.smollm2 prune SRC DST --keep 0-4,20-29
+    kdtune prune SRC DST --drop-layers 5-19                  (the same student)
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-COPIED = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "special_tokens_map.json",
-)
+from kdtune.pruning.command import prune_folder
+from kdtune.pruning.plan import Request
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -49,34 +42,20 @@ def first_and_last(num_layers: int, first: int, last: int) -> list[int]:
 
 
 def prune_layers(src: Path, dst: Path, keep: list[int]) -> Path:
-    """Write ``dst``: ``src``'s weights with only the layers ``keep`` (renumbered 0..K-1).
+    """Write ``dst``: ``src``'s weights with only the layers ``keep`` (renumbered 0..K-1),
+    through :func:`kdtune.pruning.command.prune_folder` (``kdtune prune --drop-layers``).
 
     Raises ``ValueError`` naming the problem for an empty, repeated, unsorted or out-of-range
     ``keep``.
     """
-    config = json.loads((src / "config.json").read_text())
-    num_layers = config["num_hidden_layers"]
+    num_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     if not keep:
         raise ValueError("keep: no layers given")
     if sorted(set(keep)) != keep:
         raise ValueError(f"keep: {keep} must be increasing without repeats")
     if keep[0] < 0 or keep[-1] >= num_layers:
         raise ValueError(f"keep: {keep} has layers outside 0..{num_layers - 1}")
-    new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for file in sorted(src.glob("*.safetensors")):
-        for name, tensor in load_file(str(file)).items():
-            match = LAYER_KEY.match(name)
-            if match is None:
-                state[name] = tensor
-            elif int(match.group(1)) in new_index:
-                state[f"model.layers.{new_index[int(match.group(1))]}.{match.group(2)}"] = tensor
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config["num_hidden_layers"] = len(keep)
-    config["kdtune_pruned_from"] = {"layers_kept": keep, "num_layers": num_layers}
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in COPIED:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+    dropped = [i for i in range(num_layers) if i not in keep]
+    request = Request(drop_layers=",".join(map(str, dropped)) if dropped else None)
+    prune_folder(src, dst, request, command=f"prune_layers(keep={keep})", log=lambda _: None)
     return dst

@@ -17,17 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_PACKAGE = {"tests", "benchmarks", "scripts", "build", "docs"}
 
 FLOORS: list[tuple[str, ...]] = [
-    ("kdtune", "kdtune.configs", "kdtune.assets"),
+    ("kdtune", "kdtune.configs", "kdtune.assets", "kdtune.models"),
     ("kdtune.losses",),
     ("kdtune.training.config",),
-    ("kdtune.training", "kdtune.teacher_cache"),
+    ("kdtune.training", "kdtune.teacher_cache", "kdtune.pruning"),
     ("kdtune.recipes",),
     ("kdtune.smollm2", "kdtune.demo"),
     ("kdtune.cli",),
 ]
 """Bottom to top. A module may import its own floor's modules and any floor below; a module
 is on the floor of the longest prefix naming it (``kdtune.training.config.rules`` is on the
-config floor, ``kdtune.training.steps`` on the training floor)."""
+config floor, ``kdtune.training.steps`` on the training floor); ``kdtune`` names only the
+package's own ``__init__``, so a new package must be given a floor here."""
 
 
 def package_modules() -> dict[str, Path]:
@@ -110,7 +111,8 @@ def floor(module: str) -> int:
     best, level = -1, -1
     for number, prefixes in enumerate(FLOORS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+            inside = module.startswith(prefix + ".") and prefix != "kdtune"
+            if (module == prefix or inside) and len(prefix) > best:
                 best, level = len(prefix), number
     return level
 
