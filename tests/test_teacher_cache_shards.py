@@ -41,7 +41,8 @@ def test_a_build_killed_after_its_first_default_shard_resumes_to_the_same_cache(
     """Default sizing with a byte bound that makes ~100-sample shards: killed while writing
     shard 1, the rerun keeps shard 0 and ends with the bytes of an uninterrupted build."""
     codec = TopKCodec(16, 512, num_knots=16)
-    per_sample = codec.bytes_per_position * 64 + 24  # tiny/full_chunked: max_seq_len 64
+    max_seq_len = tiny_cfg(tiny_assets).tokenizer.max_seq_len  # tiny/full_chunked's
+    per_sample = codec.bytes_per_position * max_seq_len + 24
     options = BuildOptions(top_k=16, knots=16, batch_size=8, max_shard_bytes=100 * per_sample)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

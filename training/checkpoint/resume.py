@@ -52,6 +52,7 @@ from kdtune.training.checkpoint.layout import (
 )
 from kdtune.training.checkpoint.save import recover_interrupted_saves
 from kdtune.training.config.errors import ConfigError
+from kdtune.training.model_facts import describe_model
 
 log = utils.get_logger("INFO")
 
@@ -333,6 +334,8 @@ def read_resume_state(
                 output_dir, resume_from_checkpoint, trust_pickle=trust_pickle
             )
             if folder is not None and cfg is not None:
+                # the kind of student first: its message is clearer than the shapes differing
+                check_student_kind(folder, describe_model(cfg.model).has_adapters)
                 fingerprints.check(folder, read_manifest(folder), cfg)
         except (ValueError, OSError) as raised:
             error = raised
