@@ -210,7 +210,7 @@ def dead_links(text: str, folder: Path) -> list[str]:
 
 def test_every_relative_link_resolves():
     problems, checked = [], 0
-    for page in PAGES:
+    for page in [*PAGES, ROOT / "benchmarks" / "README.md"]:
         text = page.read_text()
         checked += len(relative_links(text))
         problems += [
@@ -276,3 +276,15 @@ def test_architecture_lists_every_module():
         if path.name != "__init__.py" and f"`{path.relative_to(ROOT).as_posix()}`" not in page
     ]
     assert not missing, f"docs/architecture.md does not list {missing}"
+
+
+def test_every_benchmark_result_file_says_its_command():
+    """benchmarks/README.md names every file kept in benchmarks/results/ (with its command)."""
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    table = readme[readme.index("# Result files") :]
+    missing = [
+        path.name
+        for path in sorted((ROOT / "benchmarks" / "results").iterdir())
+        if f"`{path.name.split('.')[0]}." not in table
+    ]
+    assert not missing, f"benchmarks/README.md does not say what made {missing}"
