@@ -29,7 +29,7 @@ import pytest
 from kdtune.cli.main import COMMANDS, DELEGATED, build_parser
 from kdtune.demo.cli import demo_parser, eval_parser
 from kdtune.training.config.loading import list_configs
-from kdtune.training.config.schema import markdown_table
+from kdtune.training.config.schema import BLOCK_FIELDS, FIELDS, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -288,3 +288,26 @@ def test_every_benchmark_result_file_says_its_command():
         if f"`{path.name.split('.')[0]}." not in table
     ]
     assert not missing, f"benchmarks/README.md does not say what made {missing}"
+
+
+def test_yaml_excerpts_use_known_keys():
+    """Every ```yaml excerpt in README.md and docs/ loads, and its keys are schema keys (top
+    level, and the keys of blocks such as on_policy)."""
+    import yaml
+
+    problems, checked = [], 0
+    for page in PAGES:
+        for block in re.findall(r"^```yaml\n(.*?)^```", page.read_text(), flags=re.S | re.M):
+            data = yaml.safe_load(block)
+            checked += 1
+            for name, value in data.items():
+                if name not in FIELDS:
+                    problems.append(f"{page_id(page)}: unknown key {name!r}")
+                elif isinstance(value, dict) and f"{name}." in "".join(BLOCK_FIELDS):
+                    problems += [
+                        f"{page_id(page)}: unknown key {name}.{sub}"
+                        for sub in value
+                        if f"{name}.{sub}" not in BLOCK_FIELDS
+                    ]
+    assert not problems, "\n".join(problems)
+    assert checked >= 2
