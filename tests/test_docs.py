@@ -19,6 +19,7 @@ commands):
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import re
 import shlex
@@ -311,3 +312,33 @@ def test_yaml_excerpts_use_known_keys():
                     ]
     assert not problems, "\n".join(problems)
     assert checked >= 2
+
+
+def resolves(dotted: str) -> bool:
+    """``kdtune.a.b.C`` names an importable module, or an attribute chain under one."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
+        return True
+    return False
+
+
+def test_every_named_kdtune_object_exists():
+    """Every `kdtune.x.y` in backticks names a module or an object in it."""
+    names = {
+        (page_id(page), name)
+        for page in PAGES
+        for name in re.findall(r"`(kdtune\.[A-Za-z0-9_.]*[A-Za-z0-9_])", page.read_text())
+    }
+    missing = [f"{page}: {name}" for page, name in sorted(names) if not resolves(name)]
+    assert not missing, "\n".join(missing)
+    assert len(names) >= 20
+    assert not resolves("kdtune.training.no_such_module")
+    assert not resolves("kdtune.losses.NoSuchLoss")
