@@ -4,7 +4,7 @@
 :class:`RecipeConfig` is a dataclass whose fields are the top-level keys. It drives
 :func:`schema_problems` (every problem of every key, collected), :func:`with_defaults` (the
 recipe reads every key, so absent optional keys are filled in), ``kdtune validate --help`` and
-the README's key table (:func:`markdown_table`; a test keeps them equal). Keys that hold a
+the key table of ``docs/configs.md`` (:func:`markdown_table`; a test keeps them equal). Keys that hold a
 ``_component_`` node are typed :data:`Component`: the component itself is checked by importing
 it and by its own signature (:mod:`kdtune.training.config_checks`), and losses and optimizers
 by building them, not here.
@@ -472,8 +472,13 @@ def help_text() -> str:
 
 
 def markdown_table() -> str:
-    """The README's key table (a test checks the README holds exactly this)."""
+    """The key table of ``docs/configs.md`` (a test checks the page holds exactly this;
+    ``python -m kdtune.training.config.schema`` prints it)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for name in documented_keys():
         rows.append(f"| `{name}` | {default_text(name)} | {doc(name)} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
