@@ -30,7 +30,7 @@ against torchtune) is printed and written as JSON with machine, versions, settin
 run's step times and the command::
 
     python benchmarks/bench_recipe.py                      # ~4-5 minutes on 2 cores
-    python benchmarks/bench_recipe.py --repeats 2          # ~9 minutes; what the README reports
+    python benchmarks/bench_recipe.py --repeats 2          # ~9 minutes; what docs/benchmarks.md reports
     python benchmarks/bench_recipe.py --steps 8 --warmup 2 --variants torchtune_lora kdtune_lora_fused
 """
 
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         help="runs per variant, in round-robin order (a busy machine's slow spells then hit "
         "every variant alike); the table gives the median over repeats",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "recipe_cpu.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "recipe_cpu_idle.json")
     args = parser.parse_args(argv)
     if args.worker is not None:
         run_worker(json.loads(args.worker))

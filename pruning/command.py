@@ -3,7 +3,7 @@
 ::
 
     kdtune prune SRC DST --layers 15 --config smollm2/135M_prune15_kd assets_dir=./kdtune_real
-    kdtune prune SRC DST --heads 6 --mlp 1024 --hidden 448 --config <name|yaml> [key=value ...]
+    kdtune prune SRC DST --heads 6 --mlp 1024 --hidden 384 --config <name|yaml> [key=value ...]
     kdtune prune SRC DST --target-params 53000000 --axes width --config ... [--dry-run]
     kdtune prune SRC DST --drop-layers 3,5-7                      (no calibration needed)
 

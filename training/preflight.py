@@ -4,7 +4,7 @@ One code path for the recipe (:func:`preflight`, called in ``setup`` before a mo
 and ``kdtune validate`` (:func:`check_run`, which lists every problem of every phase at once)::
 
     config        keys, values, components built with their real options (losses, optimizer,
-                  scheduler), LoRA settings, files named (config_checks.config_problems)
+                  scheduler), LoRA settings, files named (config.rules.config_problems)
     models        student and teacher built on the meta device: vocabularies against each
                   other and the tokenizer; architecture against each checkpoint's config.json;
                   a teacher_cache's manifest against the config

@@ -6,7 +6,7 @@
 recipe reads every key, so absent optional keys are filled in), ``kdtune validate --help`` and
 the key table of ``docs/configs.md`` (:func:`markdown_table`; a test keeps them equal). Keys that hold a
 ``_component_`` node are typed :data:`Component`: the component itself is checked by importing
-it and by its own signature (:mod:`kdtune.training.config_checks`), and losses and optimizers
+it and by its own signature (:mod:`kdtune.training.config.component_rules`), and losses and optimizers
 by building them, not here.
 
 Defaults follow torchtune 0.6.1's KD recipes where torchtune has the key (``kd_ratio`` 0.5,
