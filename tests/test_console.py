@@ -101,3 +101,19 @@ def test_verbose_shows_the_traceback(monkeypatch, capsys):
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
     with pytest.raises(ConfigError):
         console.run_recipe_main(failing_main)
+
+
+def test_a_collective_timeout_is_explained_after_the_group_is_gone(monkeypatch):
+    """The recipe tears its process group down before the error reaches run_context: the note
+    naming collective_timeout_minutes must not depend on the group still being up."""
+    from kdtune.training import process_group
+
+    monkeypatch.setattr(process_group, "_started_group", True)
+    monkeypatch.setattr(process_group, "_timeout_minutes", 0.1)
+    assert not process_group.is_distributed()
+    error = RuntimeError("[gloo] Timed out waiting 6000ms for recv operation to complete")
+    process_group.explain_timeout(error)
+    assert any("collective_timeout_minutes = 0.1" in note for note in error.__notes__)
+    other = RuntimeError("shape mismatch")
+    process_group.explain_timeout(other)
+    assert not getattr(other, "__notes__", [])

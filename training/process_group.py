@@ -42,6 +42,7 @@ def is_main_process() -> bool:
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _timeout_minutes: float | None = None  # the group's collective timeout, for error messages
+_started_group = False  # this process started a multi-process group (kept after teardown)
 
 
 def exit_with_launcher() -> bool:
@@ -111,8 +112,8 @@ def init_distributed(
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        global _timeout_minutes
-        _timeout_minutes = timeout_minutes
+        global _timeout_minutes, _started_group
+        _timeout_minutes, _started_group = timeout_minutes, True
         timeout = timedelta(minutes=timeout_minutes) if timeout_minutes is not None else None
         dist.init_process_group(backend=backend, timeout=timeout)
     return rank, world_size, device
@@ -120,8 +121,9 @@ def init_distributed(
 
 def explain_timeout(error: BaseException) -> None:
     """Add a note to a collective's timeout error (gloo: "Timed out waiting ...ms") saying
-    what it means and which key sets it."""
-    if is_distributed() and "Timed out" in str(error):
+    what it means and which key sets it. Works after the group was torn down too (the recipe
+    destroys it before the error reaches its run context)."""
+    if (_started_group or is_distributed()) and "Timed out" in str(error):
         limit = f" = {_timeout_minutes}" if _timeout_minutes is not None else ""
         error.add_note(
             f"a collective waited longer than collective_timeout_minutes{limit}: another rank "
