@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from kdtune.smollm2 import demo
@@ -44,9 +45,13 @@ def _prune(argv: list[str]) -> int:
         "--keep", required=True, help="layers to keep: N, N-M, comma-separated, e.g. 0-4,20-29"
     )
     args = parser.parse_args(argv)
-    num_layers = json.loads((args.src / "config.json").read_text())["num_hidden_layers"]
-    keep = parse_layers(args.keep, num_layers)
-    prune_layers(args.src, args.dst, keep)
+    try:
+        num_layers = json.loads((args.src / "config.json").read_text())["num_hidden_layers"]
+        keep = parse_layers(args.keep, num_layers)
+        prune_layers(args.src, args.dst, keep)
+    except (OSError, KeyError, ValueError) as error:  # bad folder, range or destination
+        print(f"kdtune: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {args.dst}: {len(keep)} of {num_layers} layers ({keep})")
     return 0
 

@@ -32,6 +32,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
         first, last = (n + num_layers if n < 0 else n for n in (first, last))
+        if last < first:
+            raise ValueError(f"--keep: range {part!r} is reversed; write it low-high (e.g. 1-3)")
         layers.extend(range(first, last + 1))
     return layers
 

@@ -114,8 +114,12 @@ def shard_name(number: int) -> str:
     return f"shard_{number:05d}.safetensors"
 
 
-def _check_build_config(cfg: DictConfig) -> Path:
-    """The config must be a valid online KD config (teacher files included) plus the folder."""
+def _check_build_config(cfg: DictConfig) -> DictConfig:
+    """The config must be a valid online KD config (teacher files included) plus the folder.
+
+    Returns:
+        The checked copy (absent optional keys at their defaults), ``teacher_cache`` kept.
+    """
     if cfg.get("teacher_cache") is None:
         raise ConfigError(
             "teacher_cache is null: name the folder to build, e.g. "
@@ -128,8 +132,9 @@ def _check_build_config(cfg: DictConfig) -> Path:
         )
     online = cfg.copy()
     online.teacher_cache = None
-    check_config(online)
-    return Path(str(cfg.teacher_cache))
+    checked = check_config(online)
+    checked.teacher_cache = cfg.teacher_cache
+    return checked
 
 
 MAX_SAMPLES_PER_SHARD = 256
@@ -361,7 +366,8 @@ def build_teacher_cache(cfg: DictConfig, options: BuildOptions) -> dict[str, Any
         ConfigError: a config problem, or a folder holding a cache of other settings.
     """
     started = time.perf_counter()
-    folder = _check_build_config(cfg)
+    cfg = _check_build_config(cfg)
+    folder = Path(str(cfg.teacher_cache))
     worker = _worker(cfg)
     builder = _ShardBuilder(cfg, options, worker.device)
     plan = _plan(

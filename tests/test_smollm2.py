@@ -465,6 +465,24 @@ def test_pruned_folder_computes_the_kept_layers(tiny, tmp_path):
             prune_layers(tiny["teacher"], tmp_path / "bad", bad)
     with pytest.raises(ValueError, match="--keep"):
         parse_layers("0-x", 3)
+    with pytest.raises(ValueError, match="reversed"):  # '3-1' kept only layer 0 before
+        parse_layers("0,3-1", 4)
+
+
+def test_smollm2_prune_errors_are_one_line_and_never_touch_the_source(tmp_path, capsys):
+    from kdtune.smollm2.cli import main as smollm2_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"num_hidden_layers": 4}')
+    before = sorted(p.name for p in src.iterdir())
+    assert smollm2_main(["prune", str(src), str(tmp_path / "dst"), "--keep", "0,3-1"]) == 2
+    assert smollm2_main(["prune", str(src), str(src), "--keep", "0-1"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line]
+    assert len(lines) == 2 and all(line.startswith("kdtune: error:") for line in lines), err
+    assert "reversed" in lines[0] and "SRC" in lines[1]
+    assert sorted(p.name for p in src.iterdir()) == before
 
 
 # ----------------------------------------------------------------------------------------------
