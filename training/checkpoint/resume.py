@@ -335,7 +335,8 @@ def read_resume_state(
             )
             if folder is not None and cfg is not None:
                 # the kind of student first: its message is clearer than the shapes differing
-                check_student_kind(folder, describe_model(cfg.model).has_adapters)
+                if cfg.get("model") is not None:
+                    check_student_kind(folder, describe_model(cfg.model).has_adapters)
                 fingerprints.check(folder, read_manifest(folder), cfg)
         except (ValueError, OSError) as raised:
             error = raised
