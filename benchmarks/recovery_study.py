@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-tokens", type=int, default=2_000_000, help="per arm")
     parser.add_argument("--top-k", type=int, default=64, help="teacher cache ids per token")
     parser.add_argument("--eval-records", type=int, default=64, help="held-out records scored")
+    parser.add_argument(
+        "--corpus",
+        choices=("docs", "topics"),
+        default="docs",
+        help="docs: the demo's topics plus standard-library pydoc pages, sized to the budget "
+        "(written under --out/data); topics: the set-up's data as it is",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny data and budget, one order")
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
@@ -77,6 +84,24 @@ def smoke_data(root: Path, out: Path) -> list[str]:
         f"dataset.data_files={data / 'train.json'}",
         f"validation_dataset.data_files={data / 'val.json'}",
     ]
+
+
+def study_data(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The ``docs`` corpus under ``--out/data`` (built once): dataset overrides and split sizes."""
+    from kdtune.smollm2.text import write_study_data
+    from kdtune.smollm2.tokenizer import SmolLM2Tokenizer
+
+    data = args.out / "data"
+    sizes_file = data / "sizes.json"
+    if not sizes_file.is_file():
+        tokenizer = SmolLM2Tokenizer(args.root / "teacher")
+        sizes = write_study_data(data, tokenizer, 127, max_train_tokens=args.budget_tokens)
+        sizes_file.write_text(json.dumps(sizes, indent=2))
+    overrides = [
+        f"dataset.data_files={data / 'train.json'}",
+        f"validation_dataset.data_files={data / 'val.json'}",
+    ]
+    return overrides, json.loads(sizes_file.read_text())
 
 
 def run(command: list[str], log: Path) -> None:
@@ -156,6 +181,20 @@ def checkpoints_at(run_dir: Path, steps: int) -> dict[float, Path]:
     return found
 
 
+def final_answers(args, cfg, teacher: Path, steps: int) -> list[dict]:
+    """Greedy chat answers of the teacher, each pruned start and each arm's final checkpoint
+    (first data order)."""
+    models = {s: args.root / "students" / s for s in args.students}
+    for student in args.students:
+        for loss in args.losses:
+            run_dir = args.out / "runs" / f"{student}_{loss}_order{args.orders[0]}"
+            final = checkpoints_at(run_dir, steps).get(1.0)
+            if final is not None:
+                models[f"{student} {loss}"] = final
+    rows = evaluate_models(cfg, models, teacher, max_records=1, log=lambda _: None)
+    return [{"model": r["model"], "answers": r["answers"]} for r in rows]
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -188,9 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     common = [f"assets_dir={args.root}", *args.overrides]
+    sizes = None
     if args.smoke:
         common += smoke_data(args.root, args.out)
         args.budget_tokens = min(args.budget_tokens, 4 * 4 * 128)
+    elif args.corpus == "docs":
+        overrides, sizes = study_data(args)
+        common += overrides
     for student in args.students:
         if not (args.root / "students" / student / "config.json").is_file():
             raise SystemExit(
@@ -220,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_step": tokens_per_step,
             "train_records": train_records,
         },
+        "corpus": {"name": "smoke" if args.smoke else args.corpus, "splits": sizes},
     }
     (args.out / "study.json").write_text(json.dumps(study, indent=2))
     print(
@@ -296,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{seconds:.0f} s",
                     flush=True,
                 )
+    answers = final_answers(args, cfg, teacher, steps)
+    (args.out / "answers.json").write_text(json.dumps(answers, indent=2, ensure_ascii=False))
     plot(rows, args.out / "perplexity.png")
     print(f"[study] wrote {metrics} and {args.out / 'perplexity.png'}")
     return 0
