@@ -39,7 +39,7 @@ def adversarial_weights() -> dict[str, torch.Tensor]:
     # extreme is +8, so d == -1 and the same values map the other way
     q4_ties = torch.cat([torch.tensor([-8.0]), torch.arange(-7.5, 8.0, 0.5)[:31]])
     q4_ties = torch.cat([q4_ties, -q4_ties])
-    opposite_extremes = torch.randn(cols, generator=g)
+    opposite_extremes = torch.rand(cols, generator=g) - 0.5
     opposite_extremes[3], opposite_extremes[10] = 2.0, -2.0  # |max| tie: the first (+2) wins
     opposite_extremes[BLOCK_SIZE + 1], opposite_extremes[BLOCK_SIZE + 7] = -3.0, 3.0
     just_below_half = torch.full((cols,), 0.5 - 2**-25)
