@@ -100,11 +100,17 @@ class GGUFFakeQuantLoRALinear(LoRALinear, _FakeQuant):
     the export writes. Needs ``lora_dropout = 0`` (dropout of the adapter's input has no merged
     form); the frozen ``W`` and both adapters get the straight-through gradient."""
 
+    def merged_weight(self) -> Tensor:
+        """``W + (alpha / rank) * B @ A`` ``[out, in]``, in torchtune's ``get_merged_lora_ckpt``
+        order (``(alpha / rank) * B`` first): in fp32, the checkpoint's merged ``model/`` weight
+        bit for bit, so the export quantises exactly what was trained."""
+        return self.weight + (self.alpha / self.rank) * self.lora_b.weight @ self.lora_a.weight
+
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled or not self.fake_quant_enabled:
             return super().forward(x)
-        merged = self.weight + (self.alpha / self.rank) * (self.lora_b.weight @ self.lora_a.weight)
-        return F.linear(x, self.quantized(merged).to(x.dtype), self.bias if self.use_bias else None)
+        weight = self.quantized(self.merged_weight()).to(x.dtype)
+        return F.linear(x, weight, self.bias if self.use_bias else None)
 
 
 def _modules_outside_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:

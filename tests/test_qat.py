@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
-from torchtune.modules.peft import LoRALinear
+from torchtune.modules.peft import LoRALinear, get_merged_lora_ckpt
 from torchtune.training.quantization import Int8DynActInt4WeightQATQuantizer
 
 from kdtune.quantization.qat import (
@@ -69,6 +69,15 @@ def tokens(seed: int = 1) -> torch.Tensor:
     )
 
 
+def expected_merged(module: LoRALinear) -> torch.Tensor:
+    state = {
+        "m.weight": module.weight.detach().clone(),
+        "m.lora_a.weight": module.lora_a.weight.detach(),
+        "m.lora_b.weight": module.lora_b.weight.detach(),
+    }
+    return get_merged_lora_ckpt(state, rank=module.rank, alpha=module.alpha)["m.weight"]
+
+
 def quantised_copy(model: torch.nn.Module, linear: str, embedding: str) -> torch.nn.Module:
     """A plain copy with every 2-D weight replaced by the gguf package's dequantised values
     (LoRA layers: the merged weight, adapters zeroed)."""
@@ -79,9 +88,7 @@ def quantised_copy(model: torch.nn.Module, linear: str, embedding: str) -> torch
             if any(name.startswith(f"{prefix}.") for prefix in adapters):
                 continue  # lora_a / lora_b: inside the merged weight
             if isinstance(module, LoRALinear):
-                merged = module.weight + (module.alpha / module.rank) * (
-                    module.lora_b.weight @ module.lora_a.weight
-                )
+                merged = expected_merged(module)  # what the merged model/ holds
                 module.weight.copy_(reference_dequant(merged, linear))
                 module.lora_b.weight.zero_()
             elif isinstance(module, torch.nn.Linear):
@@ -119,6 +126,8 @@ def test_lora_student_computes_with_the_quantised_merged_weight():
     expected = quantised_copy(model, "q4_0", "q8_0")(tokens())
     prepared = prepare_student(model, GGUFQ4_0QATQuantizer())
     torch.testing.assert_close(prepared(tokens()), expected, rtol=0, atol=1e-5)
+    q_proj = prepared.layers[0].attn.q_proj
+    assert torch.equal(q_proj.merged_weight(), expected_merged(q_proj))  # bit for bit
     out = prepared(tokens())
     F.cross_entropy(out.flatten(0, 1), tokens(2).flatten()).backward()
     lora = prepared.layers[0].attn.q_proj
