@@ -10,6 +10,7 @@
     kdtune cache-teacher --config <name|path> teacher_cache=DIR [--top_k K] [key=value ...]
     kdtune prune SRC DST [--layers N | --drop-layers 3,5-7] [--heads H] [--mlp M] [--hidden D]
                  [--target-params N --axes depth,width] --config <name|path> [key=value ...]
+    kdtune export CHECKPOINT_OR_MODEL_DIR --format gguf --quant f16|q8_0|q4_0 [--out FILE]
 
 Subcommands are entries of :data:`COMMANDS` (name -> :class:`Command`); adding one is adding
 an entry (``eval`` and ``demo`` plug in there).
@@ -252,6 +253,37 @@ def _prune(args: argparse.Namespace) -> int:
     return prune_main(args)
 
 
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    from kdtune.quantization.gguf_export import FORMATS, QUANTS
+
+    parser.add_argument("source", type=Path, help="checkpoints/step_N (its model/) or an HF folder")
+    parser.add_argument("--format", choices=FORMATS, default="gguf", help="file format")
+    parser.add_argument("--quant", choices=QUANTS, default="q8_0", help="2-D projection weights")
+    parser.add_argument(
+        "--embedding-quant",
+        choices=QUANTS,
+        default=None,
+        help="token embedding / output (default: --quant; q8_0 for q4_0, as llama-quantize)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="file (default: <checkpoint>/gguf/model-QUANT.gguf)"
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kdtune.quantization.gguf_export import ExportError, export_gguf
+
+    try:
+        result = export_gguf(
+            args.source, args.out, quant=args.quant, embedding_quant=args.embedding_quant
+        )
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB)")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "run": Command("run a recipe with a config", _add_run_arguments, _run, takes_overrides=True),
     "ls": Command("list recipes and their configs", _add_ls_arguments, _ls),
@@ -270,6 +302,11 @@ COMMANDS: dict[str, Command] = {
         _add_prune_arguments,
         _prune,
         takes_overrides=True,
+    ),
+    "export": Command(
+        "export a checkpoint's model for deployment (GGUF f16/q8_0/q4_0 for llama.cpp, ollama)",
+        _add_export_arguments,
+        _export,
     ),
 }
 """Subcommand table."""

@@ -18,7 +18,7 @@ NOT_PACKAGE = {"tests", "benchmarks", "scripts", "build", "docs"}
 
 FLOORS: list[tuple[str, ...]] = [
     ("kdtune", "kdtune.configs", "kdtune.assets", "kdtune.models"),
-    ("kdtune.losses",),
+    ("kdtune.losses", "kdtune.quantization"),
     ("kdtune.training.config",),
     ("kdtune.training", "kdtune.teacher_cache", "kdtune.pruning"),
     ("kdtune.recipes",),
