@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchtune.modules import TiedLinear
@@ -317,14 +318,32 @@ def check_block_widths(model: nn.Module, groupsize: int, quantizer: Any = None) 
             )
 
 
-def prepare_student(model: nn.Module, quantizer: Any | None) -> nn.Module:
+def prepare_student(
+    model: nn.Module, quantizer: Any | None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Check every layer width against the quantiser's group size, then ``quantizer.prepare``.
+
+    A torchao quantiser computes in ``dtype`` (its ``precision``) and refuses a LoRA student
+    (it would quantise the adapters' own linear layers, not the merged weight).
 
     Call on the student built on the meta device, before sharding and before loading weights
     (parameter names are unchanged, so the checkpointer's state dict loads as before).
     """
     if quantizer is None:
         return model
+    if not isinstance(quantizer, GGUFQATQuantizer):
+        adapter = next(
+            (n for n, m in model.named_modules() if isinstance(m, LoRALinear | DoRALinear)), None
+        )
+        if adapter is not None:
+            raise ValueError(
+                f"{adapter}: {type(quantizer).__name__} fake-quantises plain linear layers, not "
+                "a LoRA layer's merged weight; with a LoRA student use "
+                "kdtune.quantization.qat.GGUFQ4_0QATQuantizer (or GGUFQ8_0QATQuantizer), or "
+                "train a full student"
+            )
+        if dtype is not None:
+            quantizer.precision = dtype  # as torchtune's qat_distributed recipe does
     check_block_widths(model, quantizer_groupsize(quantizer), quantizer)
     prepared = quantizer.prepare(model)
     return prepared if prepared is not None else model
@@ -375,6 +394,16 @@ class FakeQuantSchedule:
         return enabled
 
 
+def fake_quantized_head_input(model: nn.Module, hidden: Tensor) -> Tensor:
+    """The final hidden states ``[..., D]`` as the prepared model's output layer sees them: a
+    torchao QAT output layer fake-quantises its input per token (so this commutes with chunking
+    along tokens); unchanged otherwise. For the fused loss, which runs the head itself."""
+    activation_fake_quantizer = getattr(
+        getattr(model, "output", None), "activation_fake_quantizer", None
+    )
+    return hidden if activation_fake_quantizer is None else activation_fake_quantizer(hidden)
+
+
 def fake_quantized_output_weight(model: nn.Module, weight: Tensor) -> Tensor:
     """The output projection's weight as the prepared model's forward uses it: for the fused
     loss, which reads the head's weight itself (``kdtune.training.lm_head.output_projection``).
@@ -384,6 +413,9 @@ def fake_quantized_output_weight(model: nn.Module, weight: Tensor) -> Tensor:
         return output.linear.quantized(weight).to(weight.dtype)
     if isinstance(output, _FakeQuant):
         return output.quantized(weight).to(weight.dtype)
+    weight_fake_quantizer = getattr(output, "weight_fake_quantizer", None)  # torchao's QAT linear
+    if weight_fake_quantizer is not None:
+        return weight_fake_quantizer(weight)  # the identity while disabled
     return weight
 
 
@@ -395,6 +427,7 @@ __all__ = [
     "GGUFQATQuantizer",
     "build_quantizer",
     "check_block_widths",
+    "fake_quantized_head_input",
     "fake_quantized_output_weight",
     "prepare_student",
     "set_fake_quant",

@@ -36,6 +36,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from kdtune import __version__
+from kdtune.quantization import qat
 from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training import console, parallel, process_group, run_lock
 from kdtune.training.adapters import freeze_all_but_adapters
@@ -193,6 +194,12 @@ class KDRecipe(FTRecipeInterface):
         runtime = self._runtime
         self._checkpointer = config.instantiate(cfg.checkpointer)
         model = build_model(cfg.model, runtime.dtype)
+        # QAT: fake-quantised modules swapped in on meta, before freezing, sharding and loading
+        self._quantizer = qat.build_quantizer(cfg.quantizer)
+        model = qat.prepare_student(model, self._quantizer, runtime.dtype)
+        self._fake_quant = None
+        if self._quantizer is not None:
+            self._fake_quant = qat.FakeQuantSchedule(self._quantizer, cfg.fake_quant_after_n_steps)
         self._is_lora = freeze_all_but_adapters(model)
         resume.check_student_kind(resume_folder, self._is_lora)
         state = None
@@ -373,11 +380,14 @@ class KDRecipe(FTRecipeInterface):
     def _train_step(self, micro_batches: list[dict[str, Tensor]], progress: tqdm) -> None:
         """One optimizer step; its record waits, on the device, for the next logging step."""
         started = time.perf_counter()
-        generation: dict[str, float] = {}
+        extra: dict[str, float] = {}
+        if self._fake_quant is not None:  # a function of the step: a resumed run agrees
+            extra["fake_quant"] = float(self._fake_quant.apply(self._student, self.global_step))
         if self._rollout is not None:  # on-policy steps: the sequences are sampled first
             micro_batches, generation = self._rollout.step(
                 self._student, self._teacher, micro_batches, self.global_step
             )
+            extra |= generation
         losses = self._accumulate(micro_batches)
         has_targets = not self._may_lack_targets or bool(losses.num_tokens.item())
         if not has_targets:
@@ -404,7 +414,7 @@ class KDRecipe(FTRecipeInterface):
                 losses=losses,
                 grad_norm=grad_norm,
                 skipped=skipped,
-                extra=generation,
+                extra=extra,
             )
         )
 

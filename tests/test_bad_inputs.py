@@ -366,6 +366,52 @@ TABLE = [
         ["tokenizer.max_seq_len=1024"],
         prepare=data_records(long_record),
     ),
+    # --- quantisation-aware training ------------------------------------------------------
+    Row(
+        "quantizer unknown class",
+        ["quantizer._component_", "cannot be imported", "No module named 'nope'"],
+        ["quantizer._component_=nope.Quant"],
+    ),
+    Row(
+        "quantizer not a QAT quantiser",
+        [
+            "quantizer._component_ = torchtune.training.quantization.Int8DynActInt4WeightQuantizer",
+            "not a QAT quantiser",
+            "GGUFQ4_0QATQuantizer",
+        ],
+        ["quantizer._component_=torchtune.training.quantization.Int8DynActInt4WeightQuantizer"],
+    ),
+    Row(
+        "quantizer group size not dividing a width",
+        ["layers.0.attn.q_proj", "input width 64", "group size 48"],
+        [
+            "quantizer._component_=torchtune.training.quantization.Int8DynActInt4WeightQATQuantizer",
+            "quantizer.groupsize=48",
+        ],
+    ),
+    Row(
+        "quantizer torchao with a LoRA student",
+        ["layers.0.attn.q_proj", "Int8DynActInt4WeightQATQuantizer", "GGUFQ4_0QATQuantizer"],
+        [
+            "quantizer._component_=torchtune.training.quantization.Int8DynActInt4WeightQATQuantizer",
+            "quantizer.groupsize=32",
+        ],
+        config=LORA,
+    ),
+    Row(
+        "quantizer GGUF with LoRA dropout",
+        ["lora_dropout 0.1", "model.lora_dropout=0.0"],
+        [
+            "quantizer._component_=kdtune.quantization.qat.GGUFQ4_0QATQuantizer",
+            "model.lora_dropout=0.1",
+        ],
+        config=LORA,
+    ),
+    Row(
+        "fake_quant_after_n_steps without a quantizer",
+        ["fake_quant_after_n_steps", "quantizer is null"],
+        ["fake_quant_after_n_steps=3"],
+    ),
     Row(
         "no target token",
         ["dataset: no sample", "has a target token", "tokenizer.max_seq_len = 8"],

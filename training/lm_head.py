@@ -36,6 +36,8 @@ except ImportError:  # pragma: no cover - torch built without distributed suppor
 
 from torchtune.modules import TiedLinear
 
+from kdtune.quantization.qat import fake_quantized_head_input, fake_quantized_output_weight
+
 
 def _check_decoder(model: Any) -> None:
     for attribute in ("norm", "output", "unembed"):
@@ -48,8 +50,9 @@ def _check_decoder(model: Any) -> None:
 
 
 def _final_norm_only(model: nn.Module, h: Tensor) -> Tensor:
-    """Stands in for ``TransformerDecoder.unembed``: the final norm, no projection, no upcast."""
-    return model.norm(h)
+    """Stands in for ``TransformerDecoder.unembed``: the final norm, no projection, no upcast
+    (and a QAT output layer's input fake quantisation, which the projection would apply)."""
+    return fake_quantized_head_input(model, model.norm(h))
 
 
 def forward_hidden(model: nn.Module, tokens: Tensor, **forward_kwargs: Any) -> Tensor:
@@ -193,7 +196,8 @@ def output_projection(model: nn.Module) -> tuple[Tensor, Tensor | None]:
         # Registers the unsharded parameters on their modules, as FSDP's pre-forward does.
         owner.unshard()
         bias = model.output.bias if isinstance(model.output, nn.Linear) else None
-    return module.weight, bias
+    # a QAT student (kdtune.quantization.qat) computes with its head's fake-quantised weight
+    return fake_quantized_output_weight(model, module.weight), bias
 
 
 def release_output_projection(model: nn.Module) -> None:

@@ -29,6 +29,7 @@ class ModelFacts:
     max_seq_len: int | None = None
     architecture: dict[str, int] = field(default_factory=dict)
     has_adapters: bool = False  # LoRA/DoRA parameters
+    quantizer_problem: str | None = None  # why the quantizer cannot prepare this model
 
 
 HF_ARCHITECTURE_FIELDS = (
@@ -80,12 +81,22 @@ def model_vocab_size(model: nn.Module) -> int:
     raise ConfigError(f"cannot find the vocabulary size of {type(model).__name__}")
 
 
-def describe_model(node: DictConfig) -> ModelFacts:
-    """Build the model of a config node on the meta device (no memory, no weights) and describe it."""
+def describe_model(node: DictConfig, quantizer: Any = None) -> ModelFacts:
+    """Build the model of a config node on the meta device (no memory, no weights) and describe
+    it; with a QAT ``quantizer`` (:mod:`kdtune.quantization.qat`), also try preparing it there
+    (layer widths against the group size, LoRA options) and keep the reason it cannot be."""
     from torchtune import config
 
+    from kdtune.quantization.qat import prepare_student
+
+    quantizer_problem = None
     with torch.device("meta"):
         model = config.instantiate(node)
+        if quantizer is not None:
+            try:
+                prepare_student(model, quantizer)
+            except ValueError as error:
+                quantizer_problem = str(error)
     num_params = sum(p.numel() for p in model.parameters())
     context = getattr(model, "max_seq_len", None)
     facts = ModelFacts(
@@ -94,6 +105,7 @@ def describe_model(node: DictConfig) -> ModelFacts:
         max_seq_len=int(context) if is_int(context) else None,
         architecture=model_architecture(model),
         has_adapters=bool(get_adapter_params(model)),
+        quantizer_problem=quantizer_problem,
     )
     del model
     return facts

@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 from torchtune import config, utils
 
+from kdtune.quantization.qat import build_quantizer
 from kdtune.teacher_cache import source as teacher_cache
 from kdtune.training.config.errors import ConfigError, Problems
 from kdtune.training.config.nodes import kd_vocab_columns
@@ -196,8 +197,11 @@ def _describe(cfg: DictConfig, key: str, problems: Problems) -> ModelFacts | Non
     node = cfg.get(key)
     if not isinstance(node, DictConfig) or problems.blocks(key):
         return None
+    quantizer = None
+    if key == "model" and cfg.get("quantizer") is not None and not problems.blocks("quantizer"):
+        quantizer = build_quantizer(cfg.quantizer)  # checked in phase 1: builds
     try:
-        return describe_model(node)
+        facts = describe_model(node, quantizer)
     except Exception as error:
         problems.error(
             f"{key}: {node.get('_component_')} cannot be built with its options: "
@@ -205,6 +209,9 @@ def _describe(cfg: DictConfig, key: str, problems: Problems) -> ModelFacts | Non
             key,
         )
         return None
+    if facts.quantizer_problem is not None:
+        problems.error(facts.quantizer_problem, "quantizer")
+    return facts
 
 
 def _check_checkpoint_architecture(

@@ -53,6 +53,8 @@ MATH_KEYS = (
     "shuffle",
     "clip_grad_norm",
     "on_policy",
+    "quantizer",
+    "fake_quant_after_n_steps",
 )
 """Config keys that change the trained weights (the learning rate schedule spans ``epochs``)."""
 

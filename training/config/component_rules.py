@@ -32,8 +32,13 @@ def _check_component_keys(path: str, node: DictConfig, problems: Problems) -> Ca
     try:
         target = component_class(node)
     except Exception as error:  # import problems of any kind are reported, not raised
+        # torchtune's message spans lines ("Error loading ...", the cause, a question): the cause
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = next((line for line in lines if "Error(" in line), lines[-1] if lines else "")
         problems.error(
-            f"{path}._component_ = {node['_component_']!r} cannot be imported: {error}", path
+            f"{path}._component_ = {node['_component_']!r} cannot be imported: {cause}; check "
+            "the dotted path and that its package is installed",
+            path,
         )
         return None
     names = accepted_options(target)

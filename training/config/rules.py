@@ -248,6 +248,28 @@ def _check_lora_options(cfg: DictConfig, problems: Problems) -> None:
             )
 
 
+def _check_quantizer(cfg: DictConfig, problems: Problems) -> None:
+    """``quantizer`` builds one of the QAT quantisers kdtune trains with (cheap: no model);
+    ``fake_quant_after_n_steps`` needs one."""
+    from kdtune.quantization.qat import build_quantizer
+
+    node = cfg.get("quantizer")
+    if node is None:
+        if cfg.get("fake_quant_after_n_steps") is not None:
+            problems.error(
+                "fake_quant_after_n_steps is set but quantizer is null: set a quantizer or "
+                "remove fake_quant_after_n_steps",
+                "fake_quant_after_n_steps",
+            )
+        return
+    if problems.blocks("quantizer"):
+        return
+    try:
+        build_quantizer(node)
+    except ValueError as error:
+        problems.error(str(error), "quantizer")
+
+
 def _check_activation_offloading(cfg: DictConfig, problems: Problems) -> None:
     """As torchtune's recipes: offloading needs CUDA and activation checkpointing."""
     if not cfg.enable_activation_offloading:
@@ -364,6 +386,7 @@ _DEPENDENT_CHECKS: tuple[Callable[[DictConfig, Problems], None], ...] = (
     _check_loss_reduction,
     _check_on_policy,
     _check_lora_options,
+    _check_quantizer,
     check_by_building,
     _check_student_checkpointer,
     _check_activation_offloading,

@@ -117,6 +117,17 @@ class RecipeConfig:
         None,
         choices=("int8_weight_only",),
     )
+    quantizer: Component | None = key(
+        "quantisation-aware training of the student: a QAT quantiser (_component_: torchtune's "
+        "Int8DynActInt4WeightQATQuantizer / Int4WeightOnlyQATQuantizer, or kdtune's "
+        "GGUFQ8_0QATQuantizer / GGUFQ4_0QATQuantizer), or null",
+        None,
+    )
+    fake_quant_after_n_steps: int | None = key(
+        "with a quantizer: optimizer steps trained before fake quantisation starts (null: 0)",
+        None,
+        minimum=0,
+    )
     teacher_cache: str | None = key(
         "null, or a folder built by `kdtune cache-teacher`: train from its top-k teacher "
         "log-probs; no teacher is built or loaded (the teacher keys are unused)",
