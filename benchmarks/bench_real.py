@@ -25,10 +25,13 @@ times are only comparable within one table. ``--before DIR`` also runs each kdtu
 from another source tree (``DIR/kdtune``, e.g. ``git archive main``): a before/after table from
 one interleaved run. ``--profile`` writes each variant's top ops (self CPU time) of one
 optimizer step after warmup. ``--quick``: 4 steps (median of the last 3 intervals), 1 round,
-24 records.
+24 records. ``--contention`` runs every variant twice per round, alone and beside
+:data:`COMPETITOR` (another 2-thread PyTorch training process), and adds each variant's slowdown
+and its ratio to the CE-only variant's slowdown.
 
     python benchmarks/bench_real.py --quick
     python benchmarks/bench_real.py --variants torchtune_lora kdtune_lora_chunked --profile
+    python benchmarks/bench_real.py --contention --variants kdtune_full_chunked kdtune_full_ce
 """
 
 from __future__ import annotations
@@ -125,8 +128,30 @@ VARIANTS = {
     )
 }
 BASELINE = "torchtune_lora"
+CONTENDED = "+competitor"
 QUICK = ["torchtune_lora", "kdtune_lora_chunked", "kdtune_lora_fused", "kdtune_full_chunked"]
 QUICK += ["kdtune_full_fused", "kdtune_full_cached", "kdtune_full_on_policy", "kdtune_full_ce"]
+
+
+COMPETITOR = """
+import torch
+torch.manual_seed(0)
+torch.set_num_threads(2)
+model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x = torch.randn(256, 1024)
+while True:
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+"""
+"""The competing job of ``--contention``: another 2-thread PyTorch training process (an MLP
+step loop, fp32) that runs for the whole of a measured run."""
+
+
+def start_competitor() -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env)
 
 
 def load_average() -> float:
@@ -310,7 +335,10 @@ def build_cache(args: argparse.Namespace, data: dict, work: Path) -> dict:
     }
 
 
-def run(args: argparse.Namespace, data: dict, variant: Variant, work: Path) -> dict:
+def run(
+    args: argparse.Namespace, data: dict, variant: Variant, work: Path, competitor: bool = False
+) -> dict:
+    """One measured run (a fresh process); ``competitor``: beside :data:`COMPETITOR`."""
     shutil.rmtree(work / variant.name, ignore_errors=True)
     path = write_config(args, data, variant, work)
     command = (
@@ -327,14 +355,20 @@ def run(args: argparse.Namespace, data: dict, variant: Variant, work: Path) -> d
     log = work / f"{variant.name}.log"
     load = load_average()
     started = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "bench_recipe.py"), "--worker", json.dumps(spec)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=_env(variant, args.threads),
-            check=False,
-        )
+    other = start_competitor() if competitor else None
+    try:
+        with log.open("w") as out:
+            proc = subprocess.run(
+                [sys.executable, str(HERE / "bench_recipe.py"), "--worker", json.dumps(spec)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=_env(variant, args.threads),
+                check=False,
+            )
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"{variant.name} failed:\n{log.read_text()[-3000:]}")
     raw = json.loads(result.read_text())
@@ -386,6 +420,23 @@ def table(results: dict[str, dict], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def contention_summary(results: dict[str, dict], labels: dict[str, str]) -> str:
+    """Each variant's slowdown beside the competitor (contended / alone median step), and each
+    slowdown against the CE-only variant's (the issue's target: KD within 1.3x of CE's)."""
+    slowdowns = {
+        name: results[name + CONTENDED]["step_seconds_median"]
+        / results[name]["step_seconds_median"]
+        for name in results
+        if name + CONTENDED in results
+    }
+    floor = next((slowdowns[n] for n in slowdowns if n.endswith("_ce")), None)
+    lines = ["| run | slowdown beside the competitor | vs CE-only's slowdown |", "|---|---:|---:|"]
+    for name, slowdown in slowdowns.items():
+        versus = f"{slowdown / floor:.2f}x" if floor else "-"
+        lines.append(f"| {labels[name]} | {slowdown:.2f}x | {versus} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
@@ -401,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, default=None, help="a folder holding kdtune/")
     parser.add_argument("--profile", action="store_true", help="top ops of one step per run")
     parser.add_argument("--quick", action="store_true", help="4 steps, 1 round, 24 records")
+    parser.add_argument(
+        "--contention",
+        action="store_true",
+        help="run each variant alone and beside a competing 2-thread PyTorch training process "
+        "(interleaved); reports each variant's slowdown",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "real_cpu.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -426,7 +483,13 @@ def main(argv: list[str] | None = None) -> int:
             if v.recipe == "kdtune"
         ]
     labels = {v.name: v.label for v in variants}
-    runs: dict[str, list[dict]] = {v.name: [] for v in variants}
+    schedule = [(v, False) for v in variants]
+    if args.contention:
+        schedule = [(v, competitor) for v in variants for competitor in (False, True)]
+        labels |= {
+            v.name + CONTENDED: f"{v.label}, beside a 2-thread training job" for v in variants
+        }
+    runs: dict[str, list[dict]] = {name: [] for name in labels}
     with tempfile.TemporaryDirectory(prefix="kdtune_bench_real_") as tmp:
         work = Path(tmp)
         data = write_data(args.real, work, args.records, args.max_seq_len)
@@ -435,9 +498,9 @@ def main(argv: list[str] | None = None) -> int:
             cache = build_cache(args, data, work)
             print(f"teacher cache: {cache}", flush=True)
         for repeat in range(args.repeats):
-            for v in variants:
-                row = run(args, data, v, work)
-                runs[v.name].append(row)
+            for v, competitor in schedule:
+                row = run(args, data, v, work, competitor)
+                runs[v.name + (CONTENDED if competitor else "")].append(row)
                 print(
                     f"[{repeat + 1}/{args.repeats}] {v.label}: {row['step_seconds_median']:.2f} "
                     f"s/step, peak RSS {row['peak_rss_gib']:.2f} GiB, load "
@@ -458,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, rows in runs.items()
     }
     text = table(results, labels)
+    if args.contention:
+        text += "\n\n" + contention_summary(results, labels)
     header = (
         f"SmolLM2-135M-Instruct -> 15-layer pruned student, bf16, CPU, batch {args.batch_size} x "
         f"{args.max_seq_len} tokens (tokens/s counts padded positions), {args.steps} steps "
