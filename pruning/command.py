@@ -67,6 +67,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         default="non-embedding",
         help="what --target-params counts (default: without embeddings and lm head)",
     )
+    parser.add_argument(
+        "--multiple-of",
+        type=int,
+        default=None,
+        help="keep MLP and hidden widths multiples of this (32: exportable to GGUF Q8_0/Q4_0)",
+    )
     parser.add_argument("--config", help="kdtune config (name or YAML) with tokenizer and dataset")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
@@ -86,6 +92,7 @@ def request_of(args: argparse.Namespace) -> Request:
         target_params=args.target_params,
         axes=parse_axes(args.axes),
         count_embeddings=args.count == "total",
+        multiple_of=args.multiple_of,
     )
 
 

@@ -7,6 +7,7 @@ Everything here reads only ``config.json``: every impossible request is a one-li
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -138,6 +139,7 @@ class Request:
     target_params: int | None = None
     axes: tuple[str, ...] = AXES
     count_embeddings: bool = False
+    multiple_of: int | None = None  # every kept MLP / hidden width a multiple of this
 
 
 def parse_axes(spec: str) -> tuple[str, ...]:
@@ -165,9 +167,15 @@ def target_shape(source: Shape, request: Request) -> tuple[Shape, list[int] | No
         raise PruneError("--target-params chooses the sizes; drop --layers/--heads/... with it")
     if request.layers is not None and request.drop_layers is not None:
         raise PruneError("--layers and --drop-layers both set; pass one of them")
+    if request.multiple_of is not None and request.multiple_of < 1:
+        raise PruneError(f"--multiple-of {request.multiple_of}: must be at least 1")
     if request.target_params is not None:
         return search_shape(
-            source, request.target_params, request.axes, request.count_embeddings
+            source,
+            request.target_params,
+            request.axes,
+            request.count_embeddings,
+            request.multiple_of or 1,
         ), None
     shape, dropped = source, None
     if request.drop_layers is not None:
@@ -186,6 +194,12 @@ def target_shape(source: Shape, request: Request) -> tuple[Shape, list[int] | No
     if request.hidden is not None:
         _check_size("--hidden", request.hidden, source.hidden, "hidden channels")
         shape = replace(shape, hidden=request.hidden)
+    for option, width in (("--mlp", request.mlp), ("--hidden", request.hidden)):
+        if request.multiple_of and width is not None and width % request.multiple_of:
+            raise PruneError(
+                f"{option} {width} is not a multiple of --multiple-of {request.multiple_of} "
+                f"(e.g. GGUF Q8_0/Q4_0 blocks of 32); pass a multiple of {request.multiple_of}"
+            )
     if shape.hidden % shape.heads:
         raise PruneError(
             f"--hidden {shape.hidden} is not divisible by the {shape.heads} kept heads "
@@ -225,12 +239,19 @@ def _kv_heads(source: Shape, heads: int | None, kv_heads: int | None) -> int:
     return kv
 
 
-def search_shape(source: Shape, target: int, axes: tuple[str, ...], with_embeddings: bool) -> Shape:
+def search_shape(
+    source: Shape,
+    target: int,
+    axes: tuple[str, ...],
+    with_embeddings: bool,
+    multiple_of: int = 1,
+) -> Shape:
     """The most even shrink of the allowed axes whose count is within 1% of ``target``.
 
     Candidates: every layer count (depth), every KV-group count (heads, whole groups), MLP
     widths in :func:`multiple_for` steps, hidden widths that are multiples of 8 and of the head
-    count (transformers requires ``hidden_size % num_attention_heads == 0``). Among those within
+    count, pruned widths also multiples of ``multiple_of`` (``--multiple-of``; a width kept
+    whole is kept as it is) (transformers requires ``hidden_size % num_attention_heads == 0``). Among those within
     1% of ``target`` (or, if none, the closest), the one whose smallest kept fraction over the
     allowed axes is largest; then hidden widths that are multiples of 64; then the closest.
     """
@@ -243,6 +264,7 @@ def search_shape(source: Shape, target: int, axes: tuple[str, ...], with_embeddi
     def sizes(axis: str, size: int, step: int) -> list[int]:
         if axis not in axes:
             return [size]
+        step = math.lcm(step, multiple_of)
         return sorted({*range(step, size + 1, step), size})
 
     names = {"depth": "layers", "heads": "kv_heads", "mlp": "mlp", "hidden": "hidden"}

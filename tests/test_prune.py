@@ -332,6 +332,16 @@ def test_target_params_choose_valid_sizes_near_the_target():
             assert shape.hidden == 576
 
 
+def test_multiple_of_keeps_widths_exportable_to_gguf_blocks():
+    smollm2 = Shape(30, 9, 3, 64, 1536, 576, 49152, True, False)
+    target = smollm2.params(embeddings=False) // 2
+    free = search_shape(smollm2, target, parse_axes("width"), False)
+    assert free.hidden % 32  # 432 today: not a whole number of 32-blocks
+    shape = search_shape(smollm2, target, parse_axes("width"), False, multiple_of=32)
+    assert shape.hidden % 32 == 0 and shape.mlp % 32 == 0 and shape.hidden % shape.heads == 0
+    assert abs(shape.params(embeddings=False) - target) / target < 0.02
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors: one line, before anything is loaded
 
@@ -364,6 +374,9 @@ def nothing_loads(monkeypatch):
         (Request(layers=2), "needs calibration samples: pass --config"),
         (Request(target_params=10**12), "already has"),
         (Request(target_params=1000, layers=2), "drop --layers"),
+        (Request(hidden=40, multiple_of=32), "--hidden 40 is not a multiple of --multiple-of 32"),
+        (Request(mlp=40, multiple_of=32), "--mlp 40 is not a multiple of --multiple-of 32"),
+        (Request(multiple_of=0), "--multiple-of 0: must be at least 1"),
     ],
 )
 def test_impossible_requests_fail_before_loading(tmp_path, nothing_loads, request_, message):
