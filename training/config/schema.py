@@ -153,8 +153,8 @@ class RecipeConfig:
     resume_allow_changes: Names | None = key(
         "resuming refuses a checkpoint trained from other inputs (data, tokenizer, model, "
         "student_base, teacher, or a key among dtype, kd_ratio, loss, kd_loss, optimizer, "
-        "lr_scheduler, epochs, shuffle, clip_grad_norm, on_policy); list the names to accept on "
-        "purpose",
+        "lr_scheduler, epochs, shuffle, clip_grad_norm, on_policy, quantizer, "
+        "fake_quant_after_n_steps); list the names to accept on purpose",
         None,
     )
     dataset: Components = key("training dataset (_component_, or a list of them)")
