@@ -60,10 +60,20 @@ class _FakeQuant:
         self.qtype, self.layer_name, self.fake_quant_enabled = qtype, layer_name, True
 
     def quantized(self, weight: Tensor) -> Tensor:
-        """``weight`` as llama.cpp computes with it (fp32), or as is while disabled."""
+        """``weight`` as llama.cpp computes with it (fp32), or as is while disabled.
+
+        An output layer (:func:`_quantize_head_once_per_forward`) keeps the result for the rest
+        of the model's forward: in chunked-output mode it is called once per chunk with the same
+        weight, which is quantised once and shares one straight-through gradient node."""
         if not self.fake_quant_enabled:
             return weight
-        return gguf_fake_quantize(weight, self.qtype, self.layer_name)
+        cached = self.__dict__.get("_quantized_this_forward")
+        if cached is not None and cached[0] is weight and cached[1] == weight._version:
+            return cached[2]
+        values = gguf_fake_quantize(weight, self.qtype, self.layer_name)
+        if "_quantized_this_forward" in self.__dict__:
+            self.__dict__["_quantized_this_forward"] = (weight, weight._version, values)
+        return values
 
 
 class GGUFFakeQuantLinear(nn.Linear, _FakeQuant):
@@ -137,7 +147,7 @@ def _to_fake_quant(module: nn.Module, cls: type, qtype: GGUFQuantType, name: str
 
 def _from_fake_quant(module: nn.Module, cls: type) -> None:
     module.__class__ = cls
-    for attribute in ("qtype", "layer_name", "fake_quant_enabled"):
+    for attribute in ("qtype", "layer_name", "fake_quant_enabled", "_quantized_this_forward"):
         module.__dict__.pop(attribute, None)
 
 
@@ -151,6 +161,24 @@ def _lora_to_fake_quant(lora: LoRALinear, qtype: GGUFQuantType, name: str) -> No
     if lora._quantize_base:
         raise ValueError(f"{name}: an NF4 (QLoRA) base cannot also be GGUF fake-quantised")
     _to_fake_quant(lora, GGUFFakeQuantLoRALinear, qtype, name)
+
+
+def _quantize_head_once_per_forward(model: nn.Module) -> None:
+    """Let the output layer's fake quantiser keep its result within one ``model(...)`` call
+    (a chunked head calls it per chunk; the vocabulary-sized weight then costs one quantisation,
+    not ``num_output_chunks``). A forward pre-hook on ``model`` drops the kept result at every
+    call, so no result outlives the forward (and the autograd graph) that made it."""
+    output = getattr(model, "output", None)
+    head = output.linear if isinstance(output, TiedLinear) else output
+    if not isinstance(head, _FakeQuant):
+        return
+    head.__dict__["_quantized_this_forward"] = None
+
+    def forget(module: nn.Module, args: Any) -> None:
+        if "_quantized_this_forward" in head.__dict__:  # not after ``convert``
+            head.__dict__["_quantized_this_forward"] = None
+
+    model.register_forward_pre_hook(forget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +243,7 @@ class GGUFQATQuantizer:
         output = getattr(model, "output", None)
         if isinstance(output, TiedLinear) and self.embedding is not None:
             output.linear = GGUFFakeQuantTiedProjection(self.embedding, "output (tied)")
+        _quantize_head_once_per_forward(model)
         return model
 
     def convert(self, model: nn.Module) -> nn.Module:

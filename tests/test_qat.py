@@ -240,3 +240,46 @@ def test_export_options_match_the_trained_quantisation():
         "quant": "q8_0",
         "embedding_quant": "f16",
     }
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_chunked_head_is_quantised_once_per_forward_with_the_same_result(tied, monkeypatch):
+    """In chunked-output mode the output layer runs once per chunk: its weight is quantised once
+    per ``model(...)`` call. The chunks' logits and every gradient equal those of a model that
+    quantises per chunk; micro-batches without an optimizer step in between (gradient
+    accumulation) and a step that changes the weight in place both start afresh."""
+    import kdtune.quantization.qat as qat
+
+    def prepared(keep: bool) -> torch.nn.Module:
+        model = prepare_student(tiny_model(tie_word_embeddings=tied), GGUFQ4_0QATQuantizer())
+        model.set_num_output_chunks(4)
+        head = model.output.linear if tied else model.output
+        if not keep:
+            del head.__dict__["_quantized_this_forward"]  # the per-chunk behaviour
+        return model
+
+    calls = []
+    original = qat.gguf_fake_quantize
+    monkeypatch.setattr(
+        qat, "gguf_fake_quantize", lambda w, q, name: calls.append(name) or original(w, q, name)
+    )
+    runs = {}
+    for keep in (True, False):
+        model, calls[:] = prepared(keep), []
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for micro_batch in (3, 4, 5):  # two accumulated micro-batches, then a step, then one more
+            chunks = model(tokens(micro_batch)[:, :-1])
+            logits = torch.cat(chunks, dim=1)
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens(micro_batch)[:, 1:].flatten())
+            loss.backward()
+            losses.append(loss.detach())
+            if micro_batch == 4:
+                optimizer.step()
+        head_name = "output (tied)" if tied else "output"
+        runs[keep] = (losses, [p.grad.clone() for p in model.parameters()], calls.count(head_name))
+    assert runs[True][2] == 3 and runs[False][2] == 3 * 4  # once per forward vs once per chunk
+    for a, b in zip(runs[True][0], runs[False][0], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        assert torch.equal(a, b)
