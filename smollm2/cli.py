@@ -5,7 +5,7 @@
     kdtune smollm2 setup [--out ./kdtune_real]          fetch + convert the teacher, data, student
     kdtune smollm2 prune SRC DST --keep 0-4,20-29       keep chosen layers of an HF folder
     kdtune smollm2 eval [--out DIR] --checkpoint NAME=DIR [...]   score against the teacher
-    kdtune smollm2 demo [--out DIR] [--steps N] [--orders 0 1] [key=value ...]
+    kdtune smollm2 demo [--out DIR] [--steps N] [--orders 0 1] [--student width|depth] [k=v ...]
     kdtune demo --real ...                              the same as `kdtune smollm2 demo ...`
 """
 

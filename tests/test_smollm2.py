@@ -541,12 +541,12 @@ def test_demo_table_and_verdict():
 
     fixed = [row("teacher", 10.0, 0.0), row("start", 900.0, 4.0)]
     orders = {
-        0: [*fixed, row("ce", 40.0, 1.5), row("kd", 30.0, 1.2)],
-        1: [*fixed, row("ce", 42.0, 1.6), row("kd", 44.0, 1.3)],
+        0: [*fixed, row("ce", 40.0, 1.5), row("kd_cache", 30.0, 1.2)],
+        1: [*fixed, row("ce", 42.0, 1.6), row("kd_cache", 44.0, 1.3)],
     }
     table = results_table(orders)
     assert "| CE-only fine-tuning | 41.000 ± 1.414 |" in table
-    assert table.splitlines()[2].startswith("| teacher (30 layers) | 10.000 ± 0.000 |")
+    assert table.splitlines()[2].startswith("| teacher (SmolLM2-135M-Instruct) | 10.000 ± 0.000 |")
     assert verdict(orders) == (
         "KD beats CE-only on held-out perplexity and KL to teacher in 1/2 data order(s)."
     )
@@ -559,7 +559,7 @@ def test_a_second_demo_run_starts_each_arm_afresh(tmp_path, monkeypatch):
 
     from kdtune.smollm2 import demo
 
-    stale = tmp_path / "runs" / "order0" / "kd" / "checkpoints" / "step_0000012"
+    stale = tmp_path / "runs" / "order0" / "kd_cache" / "checkpoints" / "step_0000012"
     stale.mkdir(parents=True)
 
     def fake_run(command, stdout, stderr):
@@ -570,7 +570,8 @@ def test_a_second_demo_run_starts_each_arm_afresh(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(demo.subprocess, "run", fake_run)
-    assert demo.train_arm(tmp_path, "kd", 0, 12, []) == tmp_path / "runs" / "order0" / "kd"
+    run_dir = demo.train_arm(tmp_path, "kd_cache", 0, 12, [])
+    assert run_dir == tmp_path / "runs" / "order0" / "kd_cache"
 
     def failing_run(command, stdout, stderr):
         stdout.write("Traceback ...\nValueError: something named\n")
@@ -581,3 +582,61 @@ def test_a_second_demo_run_starts_each_arm_afresh(tmp_path, monkeypatch):
         SystemExit, match=r"(?s)the ce run failed; its log is .*ce\.log.*something named"
     ):
         demo.train_arm(tmp_path, "ce", 0, 12, [])
+
+
+def _demo_root(teacher: Path, tmp_path: Path, records: int) -> Path:
+    """A ``kdtune_real``-shaped folder for the demo: the tiny teacher and text data (the
+    marker file tells the demo the records are made)."""
+    root = tmp_path / "real"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.json").write_text(json.dumps(_text_records(records, 0)))
+    (root / "data" / "val.json").write_text(json.dumps(_text_records(8, 1)))
+    (root / "data" / "records_47_tokens").write_text("")
+    (root / "teacher").symlink_to(teacher)
+    return root
+
+
+def test_demo_prunes_caches_trains_both_arms_and_scores_them(tiny, tmp_path, monkeypatch):
+    """``kdtune demo --real`` end to end on the tiny teacher: ``kdtune prune`` makes the
+    student, ``kdtune cache-teacher`` caches the demo's records once, both arms train from the
+    pruned start (KD from the cache: no teacher loaded), and every model is scored."""
+    from kdtune.smollm2 import demo
+
+    root = _demo_root(tiny["teacher"], tmp_path, records=8)
+    monkeypatch.setattr(demo, "setup_teacher", lambda r: r / "teacher")
+    monkeypatch.setitem(
+        demo.STUDENTS, "depth", ["--layers", "2", "--samples", "4", "--seq-len", "32"]
+    )
+    overrides = [
+        "dtype=fp32",
+        "tokenizer.max_seq_len=48",
+        "lr_scheduler.num_warmup_steps=1",
+        "validation_dataset.data_files=" + str(root / "data" / "val.json"),
+    ]
+    argv = ["--out", str(root), "--orders", "0", "--steps", "2", "--eval-records", "2"]
+    assert demo.demo_main([*argv, "--student", "depth", *overrides]) == 0
+
+    student = root / "students" / "depth_half"
+    prune = json.loads((student / "prune.json").read_text())
+    assert prune["shape"]["layers"] == 2 and "--layers 2" in prune["command"]
+    cache = root / "teacher_cache" / "demo_train_8"
+    assert (cache / "manifest.json").is_file()
+    for arm in ("ce", "kd_cache"):
+        train = [
+            json.loads(line)
+            for line in (root / "runs" / "order0" / arm / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in line
+        ]
+        assert len(train) == 2
+    result = json.loads((root / "results.json").read_text())
+    models = [row["model"] for row in result["orders"]["0"]]
+    assert models == ["teacher", "start", "ce", "kd_cache"]
+    assert "recovery_study.py" in (root / "results.md").read_text()
+
+    # a second demo reuses the pruned folder and the cache; another pruning there is refused
+    monkeypatch.setattr(demo.subprocess, "run", None)  # nothing may run again
+    assert demo.pruned_student(root, root / "teacher", "depth", overrides) == student
+    assert demo.teacher_cache(root, root / "data" / "demo_train_8.json", overrides) == cache
+    monkeypatch.setitem(demo.STUDENTS, "depth", ["--layers", "1"])
+    with pytest.raises(SystemExit, match=r"depth_half holds another pruning .*--out"):
+        demo.pruned_student(root, root / "teacher", "depth", overrides)
