@@ -1,0 +1,264 @@
+"""QAD study (issue 24): a Q4_0 student by post-training quantisation, QAT with CE, and QAD.
+
+The student is SmolLM2-135M-Instruct itself (``--student``: any Llama HF folder, e.g. a pruned
+one whose widths are multiples of 32) deployed as llama.cpp ``Q4_0`` (blocks of 32 weights, the
+embedding and tied head ``Q8_0``, as ``llama-quantize`` and ``kdtune export --quant q4_0`` keep
+them). Arms, per data order (``--orders``), same records, order, steps and optimizer:
+
+- ``ptq``: no training; the student's weights exported to Q4_0;
+- ``qat_ce``: training with the GGUF Q4_0 fake quantiser
+  (``quantizer: kdtune.quantization.qat.GGUFQ4_0QATQuantizer``) and cross-entropy only;
+- ``qad``: the same fake quantiser, forward KL from the bf16 teacher's cached top-64 mixed with
+  CE (``kd_ratio`` of the shipped KD config).
+
+Every arm is scored *as deployed*: its final weights written by ``kdtune export --format gguf
+--quant q4_0`` and read back by transformers' GGUF loader (:func:`kdtune.smollm2.convert.
+convert_gguf`, an independent reader), then held-out perplexity, KL to the bf16 teacher and
+top-1 agreement (:func:`kdtune.smollm2.evaluate.evaluate_models`). The fraction of the PTQ KL
+gap an arm closes is ``(KL_ptq - KL_arm) / (KL_ptq - KL_start)`` (``KL_start``: the bf16
+student before any quantisation; 0 for the teacher as student).
+
+Data and teacher cache come from a recovery-study folder (``--study``, made by
+``benchmarks/recovery_study.py``): its ``data/{train,val}.json`` and ``teacher_cache/``.
+
+::
+
+    python benchmarks/qad_study.py --root ./kdtune_real --study ./study --out ./qad --steps 100
+
+Output under ``--out``: ``metrics.jsonl`` (one line per arm x order, plus teacher and start),
+``results.md`` (the table), ``study.json`` (command, machine, load, versions, budget, sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from recovery_study import kdtune, run, student_overrides
+from safetensors.torch import load_file
+
+from kdtune.smollm2.convert import convert_gguf
+from kdtune.smollm2.evaluate import evaluate_models
+from kdtune.training.checkpoint.layout import CHECKPOINTS_DIRNAME, step_dirname
+from kdtune.training.config.loading import load_config, resolve_config
+
+CONFIGS = {"qat_ce": "smollm2/135M_prune15_ce", "qad": "smollm2/135M_prune15_kd"}
+QUANTIZER = "{_component_: kdtune.quantization.qat.GGUFQ4_0QATQuantizer}"
+SCORES = ("perplexity", "ce", "kl_to_teacher", "top1_agreement")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("::")[0].strip())
+    parser.add_argument("--root", type=Path, default=Path("./kdtune_real"), help="set-up folder")
+    parser.add_argument("--study", type=Path, required=True, help="a recovery-study --out folder")
+    parser.add_argument("--out", type=Path, required=True, help="this study's folder")
+    parser.add_argument("--student", type=Path, default=None, help="default: ROOT/teacher")
+    parser.add_argument("--orders", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per arm")
+    parser.add_argument("--eval-records", type=int, default=64, help="held-out records scored")
+    return parser.parse_args(argv)
+
+
+def deployed(source: Path, work: Path) -> tuple[Path, int]:
+    """``source`` (a checkpoint or HF folder) as llama.cpp runs it: exported to Q4_0 GGUF and
+    read back into an HF folder by transformers. Returns the folder and the GGUF's bytes."""
+    gguf_file = work / "model-q4_0.gguf"
+    if not gguf_file.is_file():
+        run(
+            kdtune(
+                "export",
+                str(source),
+                "--format",
+                "gguf",
+                "--quant",
+                "q4_0",
+                "--out",
+                str(gguf_file),
+            ),
+            work / "export.log",
+        )
+    return convert_gguf(gguf_file, work / "hf"), gguf_file.stat().st_size
+
+
+def train(args, arm: str, order: int, common: list[str], cache: Path) -> tuple[Path, float]:
+    """One fake-quantised ``kdtune run`` of ``arm``; its run folder and seconds."""
+    out = args.out / "runs" / f"{arm}_order{order}"
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = [
+        *common,
+        f"output_dir={out}",
+        f"seed={order}",
+        "epochs=1",
+        f"max_steps_per_epoch={args.steps}",
+        f"save_every_n_steps={args.steps}",
+        f"quantizer={QUANTIZER}",
+        "fake_quant_after_n_steps=0",
+    ]
+    if arm == "qad":
+        overrides += [
+            "teacher_model._component_=kdtune.models.llama_from_hf_folder",
+            "~teacher_model.num_layers",
+            f"teacher_model.folder={args.root / 'teacher'}",
+            f"teacher_cache={cache}",
+        ]
+    started = time.perf_counter()
+    command = kdtune("run", "knowledge_distillation", "--config", CONFIGS[arm], *overrides)
+    run(command, args.out / "logs" / f"{out.name}.log")
+    return out, time.perf_counter() - started
+
+
+def gap_closed(kl_ptq: float, kl_arm: float, kl_start: float) -> float:
+    """The fraction of post-training quantisation's KL gap that ``kl_arm`` closes."""
+    return (kl_ptq - kl_arm) / max(kl_ptq - kl_start, 1e-12)
+
+
+def _cell(group: list[dict], key: str, fmt: str) -> str:
+    """Mean ± std of ``key`` over ``group`` (one value: the value; none: empty)."""
+    values = [r[key] for r in group if r.get(key) is not None]
+    if len(values) <= 1:
+        return fmt.format(values[0]) if values else ""
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per arm, mean ± std over the orders, then each order's values."""
+    lines = [
+        "| arm | perplexity ↓ | KL to bf16 teacher ↓ | top-1 ↑ | PTQ KL gap closed ↑ "
+        "| per order (ppl / KL) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for arm in ("teacher", "start", "ptq", "qat_ce", "qad"):
+        group = [r for r in rows if r["arm"] == arm]
+        if not group:
+            continue
+        per_order = ", ".join(
+            f"{r['order']}: {r['perplexity']:.2f} / {r['kl_to_teacher']:.4f}"
+            for r in group
+            if r.get("order") is not None
+        )
+        cells = [
+            _cell(group, "perplexity", "{:.2f}"),
+            _cell(group, "kl_to_teacher", "{:.4f}"),
+            _cell(group, "top1_agreement", "{:.3f}"),
+            _cell(group, "gap_closed", "{:.2f}"),
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {per_order} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    student = (args.student or args.root / "teacher").resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_file, val_file = args.study / "data" / "train.json", args.study / "data" / "val.json"
+    cache = args.study / "teacher_cache"
+    for path in (train_file, val_file, cache / "manifest.json", student / "config.json"):
+        if not path.is_file():
+            raise SystemExit(f"no {path}: run benchmarks/recovery_study.py first (see --study)")
+    common = [
+        f"assets_dir={args.root}",
+        f"dataset.data_files={train_file}",
+        f"validation_dataset.data_files={val_file}",
+        *student_overrides(student),
+    ]
+    cfg = load_config(resolve_config(CONFIGS["qad"]), common)
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.tokenizer.max_seq_len
+    teacher = args.root / "teacher"
+    study = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "load_start": os.getloadavg(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "student": str(student),
+        "budget": {"steps": args.steps, "tokens": args.steps * tokens_per_step},
+        "data": {"train": str(train_file), "val": str(val_file), "cache": str(cache)},
+        "eval_records": args.eval_records,
+    }
+    rows: list[dict] = []
+    metrics = args.out / "metrics.jsonl"
+    metrics.write_text("")
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with metrics.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+
+    def score(models: dict[str, Path], include_teacher: bool = False) -> dict[str, dict]:
+        found = evaluate_models(
+            cfg,
+            models,
+            teacher,
+            max_records=args.eval_records,
+            prompts=(),
+            include_teacher=include_teacher,
+        )
+        return {r["model"]: {k: r[k] for k in SCORES} for r in found}
+
+    ptq_folder, gguf_bytes = deployed(student, args.out / "ptq")
+    fixed = score({"start": student, "ptq": ptq_folder}, include_teacher=True)
+    kl_start, kl_ptq = fixed["start"]["kl_to_teacher"], fixed["ptq"]["kl_to_teacher"]
+    record({"arm": "teacher", "order": None, **fixed["teacher"]})
+    record({"arm": "start", "order": None, **fixed["start"]})
+    record({"arm": "ptq", "order": None, **fixed["ptq"], "gap_closed": 0.0})
+    sizes = {
+        "student_safetensors_bytes": sum(p.stat().st_size for p in student.glob("*.safetensors")),
+        "student_params": None,
+        "ptq_gguf_bytes": gguf_bytes,
+    }
+    for order in args.orders:
+        for arm in CONFIGS:
+            run_dir, seconds = train(args, arm, order, common, cache)
+            final = run_dir / CHECKPOINTS_DIRNAME / step_dirname(args.steps)
+            folder, arm_bytes = deployed(final, args.out / "deployed" / f"{arm}_order{order}")
+            scores = score({arm: folder})[arm]
+            record(
+                {
+                    "arm": arm,
+                    "order": order,
+                    **scores,
+                    "gap_closed": gap_closed(kl_ptq, scores["kl_to_teacher"], kl_start),
+                    "train_seconds": seconds,
+                    "gguf_bytes": arm_bytes,
+                    "load": os.getloadavg(),
+                }
+            )
+            print(
+                f"[qad] {arm} order {order}: perplexity {scores['perplexity']:.2f}, KL "
+                f"{scores['kl_to_teacher']:.4f} in {seconds:.0f} s",
+                flush=True,
+            )
+    params = sum(t.numel() for t in load_file(str(next(student.glob("*.safetensors")))).values())
+    sizes["student_params"] = params
+    sizes["ptq_gguf_vs_bf16"] = gguf_bytes / (2 * params)
+    study.update(sizes=sizes, load_end=os.getloadavg())
+    (args.out / "study.json").write_text(json.dumps(study, indent=2))
+    text = table(rows)
+    wins = {
+        metric: sum(
+            next(r for r in rows if r["arm"] == "qad" and r["order"] == o)[metric]
+            < next(r for r in rows if r["arm"] == "qat_ce" and r["order"] == o)[metric]
+            for o in args.orders
+        )
+        for metric in ("perplexity", "kl_to_teacher")
+    }
+    summary = (
+        f"QAD beats QAT-CE on perplexity in {wins['perplexity']}/{len(args.orders)} orders and "
+        f"on KL to the teacher in {wins['kl_to_teacher']}/{len(args.orders)}. Q4_0 GGUF "
+        f"{gguf_bytes / 1e6:.1f} MB = {sizes['ptq_gguf_vs_bf16']:.3f}x the bf16 weights "
+        f"({2 * params / 1e6:.1f} MB, {params:,} parameters)."
+    )
+    (args.out / "results.md").write_text(f"{text}\n\n{summary}\n")
+    print(f"\n{text}\n\n{summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
