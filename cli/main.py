@@ -11,6 +11,7 @@
     kdtune prune SRC DST [--layers N | --drop-layers 3,5-7] [--heads H] [--mlp M] [--hidden D]
                  [--target-params N --axes depth,width] --config <name|path> [key=value ...]
     kdtune export CHECKPOINT_OR_MODEL_DIR --format gguf --quant f16|q8_0|q4_0 [--out FILE]
+    kdtune export CHECKPOINT --format torchao [--out DIR]   a torchao QAT run, converted
 
 Subcommands are entries of :data:`COMMANDS` (name -> :class:`Command`); adding one is adding
 an entry (``eval`` and ``demo`` plug in there).
@@ -258,15 +259,21 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("source", type=Path, help="checkpoints/step_N (its model/) or an HF folder")
     parser.add_argument("--format", choices=FORMATS, default="gguf", help="file format")
-    parser.add_argument("--quant", choices=QUANTS, default="q8_0", help="2-D projection weights")
+    parser.add_argument(
+        "--quant", choices=QUANTS, default=None, help="gguf: 2-D projection weights (default q8_0)"
+    )
     parser.add_argument(
         "--embedding-quant",
         choices=QUANTS,
         default=None,
-        help="token embedding / output (default: --quant; q8_0 for q4_0, as llama-quantize)",
+        help="gguf: token embedding / output (default: --quant; q8_0 for q4_0, as llama-quantize)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="file (default: <checkpoint>/gguf/model-QUANT.gguf)"
+        "--out",
+        type=Path,
+        default=None,
+        help="gguf: file (default <checkpoint>/gguf/model-QUANT.gguf); torchao: folder "
+        "(default <checkpoint>/torchao)",
     )
 
 
@@ -274,13 +281,34 @@ def _export(args: argparse.Namespace) -> int:
     from kdtune.quantization.gguf_export import ExportError, export_gguf
 
     try:
+        if args.format == "torchao":
+            return _export_torchao(args)
+        quant = args.quant if args.quant is not None else "q8_0"
         result = export_gguf(
-            args.source, args.out, quant=args.quant, embedding_quant=args.embedding_quant
+            args.source, args.out, quant=quant, embedding_quant=args.embedding_quant
         )
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB)")
+    return 0
+
+
+def _export_torchao(args: argparse.Namespace) -> int:
+    from kdtune.quantization.gguf_export import ExportError
+    from kdtune.quantization.torchao_export import export_torchao
+
+    for option, value in (("--quant", args.quant), ("--embedding-quant", args.embedding_quant)):
+        if value is not None:
+            raise ExportError(
+                f"{option} is a GGUF option; --format torchao uses the run's own quantizer "
+                "(drop it, or export with --format gguf)"
+            )
+    result = export_torchao(args.source, args.out)
+    print(
+        f"Wrote {result.path} ({result.size_bytes / 2**20:.2f} MiB, "
+        f"{result.size_bytes / result.bf16_bytes:.3f}x the bf16 weights)"
+    )
     return 0
 
 
@@ -304,7 +332,8 @@ COMMANDS: dict[str, Command] = {
         takes_overrides=True,
     ),
     "export": Command(
-        "export a checkpoint's model for deployment (GGUF f16/q8_0/q4_0 for llama.cpp, ollama)",
+        "export a checkpoint's model for deployment (GGUF f16/q8_0/q4_0 for llama.cpp, ollama; "
+        "torchao's converted model for a torchao QAT run)",
         _add_export_arguments,
         _export,
     ),

@@ -45,8 +45,8 @@ from kdtune.models.hf_llama import check_llama_family, rope_parameters
 QUANTS = ("f16", "q8_0", "q4_0")
 """``--quant`` choices."""
 
-FORMATS = ("gguf",)
-"""``--format`` choices."""
+FORMATS = ("gguf", "torchao")
+"""``--format`` choices (``torchao``: :mod:`kdtune.quantization.torchao_export`)."""
 
 MODEL_DIRNAME = "model"
 """A checkpoint's HF folder (``kdtune.training.checkpoint.layout.MODEL_DIRNAME``, one floor up;

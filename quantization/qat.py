@@ -33,9 +33,6 @@ from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.training.quantization import (
     Int4WeightOnlyQATQuantizer,
     Int8DynActInt4WeightQATQuantizer,
-    _get_disable_fake_quant,
-    _get_enable_fake_quant,
-    get_quantizer_mode,
 )
 
 from kdtune.quantization.gguf_fake_quant import (
@@ -387,11 +384,18 @@ def set_fake_quant(model: nn.Module, quantizer: Any, enabled: bool) -> None:
             if isinstance(module, _FakeQuant):
                 module.fake_quant_enabled = enabled
         return
-    mode = get_quantizer_mode(quantizer)
-    toggle = (_get_enable_fake_quant if enabled else _get_disable_fake_quant)(mode)
-    if toggle is None:
+    # torchao's QAT linears: flip each fake quantiser they have. Not torchtune's
+    # enable/disable_4w_fake_quant: torchao's Int4WeightOnlyQATLinear.enable_fake_quant sets
+    # its activation quantiser, which is None (weight-only), and raises.
+    toggled = 0
+    for module in model.modules():
+        for attribute in ("activation_fake_quantizer", "weight_fake_quantizer"):
+            fake_quantizer = getattr(module, attribute, None)
+            if fake_quantizer is not None:
+                fake_quantizer.enabled = enabled
+                toggled += 1
+    if not toggled:
         raise ValueError(f"{type(quantizer).__name__} has no fake quantisation to turn on or off")
-    model.apply(toggle)
 
 
 class FakeQuantSchedule:
