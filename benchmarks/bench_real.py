@@ -97,6 +97,7 @@ class Variant:
     cached: bool = False
     on_policy: bool = False
     tree: str | None = None  # another kdtune source tree (the --before runs)
+    quantizer: dict | None = None  # the student's ``quantizer:`` node (bench_fake_quant.py)
 
 
 VARIANTS = {
@@ -280,6 +281,7 @@ def config(args: argparse.Namespace, data: dict[str, Path], variant: Variant, wo
     if variant.on_policy:
         cfg["on_policy"] = {"fraction": 1.0, "max_new_tokens": 32, "source": "student"}
     cfg["keep_last_n_checkpoints"] = 1
+    cfg["quantizer"] = variant.quantizer
     cfg["teacher_quantization"] = None  # cache-teacher reads it without a default
     return cfg
 
