@@ -32,27 +32,33 @@ Output under ``--out``: ``metrics.jsonl`` (one line per arm x order, plus teache
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from recovery_study import kdtune, run, student_overrides
 from safetensors.torch import load_file
 
 from kdtune.smollm2.convert import convert_gguf
+from kdtune.smollm2.demo import kdtune_command, run_logged, student_folder_overrides
 from kdtune.smollm2.evaluate import evaluate_models
+from kdtune.smollm2.text import to_records
+from kdtune.smollm2.tokenizer import SmolLM2Tokenizer
 from kdtune.training.checkpoint.layout import CHECKPOINTS_DIRNAME, step_dirname
 from kdtune.training.config.loading import load_config, resolve_config
 
 CONFIGS = {"qat_ce": "smollm2/135M_prune15_ce", "qad": "smollm2/135M_prune15_kd"}
 QUANTIZER = "{_component_: kdtune.quantization.qat.GGUFQ4_0QATQuantizer}"
 SCORES = ("perplexity", "ce", "kl_to_teacher", "top1_agreement")
+LICENSES = Path("/usr/share/common-licenses")
+OOD_FILES = ("Apache-2.0", "Artistic", "GFDL-1.3", "GPL-3", "MPL-2.0")
+"""Debian's licence texts: English prose outside the training corpus, for a perplexity that
+a fit to the corpus does not win by itself."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +70,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--orders", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per arm")
     parser.add_argument("--eval-records", type=int, default=64, help="held-out records scored")
+    parser.add_argument("--arms", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--lr", type=float, default=None, help="every arm (default: config's)")
+    parser.add_argument(
+        "--kd-ratio", type=float, default=None, help="qad arm (default: the KD config's 0.5)"
+    )
+    parser.add_argument(
+        "--ood-text",
+        type=Path,
+        nargs="*",
+        default=[LICENSES / name for name in OOD_FILES],
+        help=f"text files for an out-of-corpus perplexity (default: {', '.join(OOD_FILES)} "
+        f"in {LICENSES})",
+    )
     return parser.parse_args(argv)
 
 
@@ -72,8 +91,8 @@ def deployed(source: Path, work: Path) -> tuple[Path, int]:
     read back into an HF folder by transformers. Returns the folder and the GGUF's bytes."""
     gguf_file = work / "model-q4_0.gguf"
     if not gguf_file.is_file():
-        run(
-            kdtune(
+        run_logged(
+            kdtune_command(
                 "export",
                 str(source),
                 "--format",
@@ -84,6 +103,7 @@ def deployed(source: Path, work: Path) -> tuple[Path, int]:
                 str(gguf_file),
             ),
             work / "export.log",
+            "Q4_0 export",
         )
     return convert_gguf(gguf_file, work / "hf"), gguf_file.stat().st_size
 
@@ -102,6 +122,10 @@ def train(args, arm: str, order: int, common: list[str], cache: Path) -> tuple[P
         f"quantizer={QUANTIZER}",
         "fake_quant_after_n_steps=0",
     ]
+    if args.lr is not None:
+        overrides.append(f"optimizer.lr={args.lr}")
+    if arm == "qad" and args.kd_ratio is not None:
+        overrides.append(f"kd_ratio={args.kd_ratio}")
     if arm == "qad":
         overrides += [
             "teacher_model._component_=kdtune.models.llama_from_hf_folder",
@@ -109,10 +133,8 @@ def train(args, arm: str, order: int, common: list[str], cache: Path) -> tuple[P
             f"teacher_model.folder={args.root / 'teacher'}",
             f"teacher_cache={cache}",
         ]
-    started = time.perf_counter()
-    command = kdtune("run", "knowledge_distillation", "--config", CONFIGS[arm], *overrides)
-    run(command, args.out / "logs" / f"{out.name}.log")
-    return out, time.perf_counter() - started
+    command = kdtune_command("run", "knowledge_distillation", "--config", CONFIGS[arm], *overrides)
+    return out, run_logged(command, args.out / "logs" / f"{out.name}.log", f"{out.name} run")
 
 
 def gap_closed(kl_ptq: float, kl_arm: float, kl_start: float) -> float:
@@ -132,15 +154,16 @@ def table(rows: list[dict]) -> str:
     """Markdown: one line per arm, mean ± std over the orders, then each order's values."""
     lines = [
         "| arm | perplexity ↓ | KL to bf16 teacher ↓ | top-1 ↑ | PTQ KL gap closed ↑ "
-        "| per order (ppl / KL) |",
-        "|---|---:|---:|---:|---:|---|",
+        "| out-of-corpus perplexity ↓ | out-of-corpus KL ↓ | per order (ppl / KL / ood ppl) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for arm in ("teacher", "start", "ptq", "qat_ce", "qad"):
+    for arm in ("teacher", "start", "ptq", *CONFIGS):
         group = [r for r in rows if r["arm"] == arm]
         if not group:
             continue
         per_order = ", ".join(
             f"{r['order']}: {r['perplexity']:.2f} / {r['kl_to_teacher']:.4f}"
+            + (f" / {r['ood_perplexity']:.2f}" if "ood_perplexity" in r else "")
             for r in group
             if r.get("order") is not None
         )
@@ -149,9 +172,33 @@ def table(rows: list[dict]) -> str:
             _cell(group, "kl_to_teacher", "{:.4f}"),
             _cell(group, "top1_agreement", "{:.3f}"),
             _cell(group, "gap_closed", "{:.2f}"),
+            _cell(group, "ood_perplexity", "{:.2f}"),
+            _cell(group, "ood_kl_to_teacher", "{:.4f}"),
         ]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {per_order} |")
     return "\n".join(lines)
+
+
+def write_ood_records(files: list[Path], teacher: Path, record_tokens: int, out: Path) -> Path:
+    """``files``' text cut into records of ``record_tokens`` tokens, as ``out`` (JSON list),
+    taken from the files in turn (the first N records sample every file)."""
+    tokenizer = SmolLM2Tokenizer(teacher)
+    per_file = [
+        to_records([p.read_text(errors="replace")], tokenizer, record_tokens) for p in files
+    ]
+    records = [r for group in itertools.zip_longest(*per_file) for r in group if r is not None]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, ensure_ascii=False))
+    return out
+
+
+def wins_over_qat_ce(rows: list[dict], orders: list[int], metric: str) -> int | None:
+    """In how many orders the qad arm's ``metric`` is below qat_ce's (None: an arm is absent)."""
+    by_arm = {(r["arm"], r["order"]): r for r in rows}
+    pairs = [(by_arm.get(("qad", o)), by_arm.get(("qat_ce", o))) for o in orders]
+    if any(a is None or b is None or metric not in a for a, b in pairs):
+        return None
+    return sum(a[metric] < b[metric] for a, b in pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,15 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     for path in (train_file, val_file, cache / "manifest.json", student / "config.json"):
         if not path.is_file():
             raise SystemExit(f"no {path}: run benchmarks/recovery_study.py first (see --study)")
+    for path in args.ood_text:
+        if not path.is_file():
+            raise SystemExit(f"--ood-text: no file {path}")
     common = [
         f"assets_dir={args.root}",
         f"dataset.data_files={train_file}",
         f"validation_dataset.data_files={val_file}",
-        *student_overrides(student),
+        *student_folder_overrides(student),
     ]
     cfg = load_config(resolve_config(CONFIGS["qad"]), common)
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.tokenizer.max_seq_len
     teacher = args.root / "teacher"
+    params = sum(t.numel() for t in load_file(str(next(student.glob("*.safetensors")))).values())
+    ood_file = None
+    if args.ood_text:
+        ood_file = write_ood_records(
+            args.ood_text, teacher, cfg.tokenizer.max_seq_len - 1, args.out / "data" / "ood.json"
+        )
     study = {
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -179,7 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "student": str(student),
         "budget": {"steps": args.steps, "tokens": args.steps * tokens_per_step},
-        "data": {"train": str(train_file), "val": str(val_file), "cache": str(cache)},
+        "optimizer": {
+            "lr": args.lr or cfg.optimizer.lr,
+            "qad_kd_ratio": args.kd_ratio or cfg.kd_ratio,
+        },
+        "data": {
+            "train": str(train_file),
+            "val": str(val_file),
+            "cache": str(cache),
+            "out_of_corpus": [str(p) for p in args.ood_text],
+        },
         "eval_records": args.eval_records,
     }
     rows: list[dict] = []
@@ -192,15 +257,26 @@ def main(argv: list[str] | None = None) -> int:
             file.write(json.dumps(row) + "\n")
 
     def score(models: dict[str, Path], include_teacher: bool = False) -> dict[str, dict]:
-        found = evaluate_models(
-            cfg,
-            models,
-            teacher,
-            max_records=args.eval_records,
-            prompts=(),
-            include_teacher=include_teacher,
-        )
-        return {r["model"]: {k: r[k] for k in SCORES} for r in found}
+        """In-corpus held-out scores, and out-of-corpus ones as ``ood_*``."""
+        sets = {"": cfg}
+        if ood_file is not None:
+            sets["ood_"] = load_config(
+                resolve_config(CONFIGS["qad"]),
+                [*common, f"validation_dataset.data_files={ood_file}"],
+            )
+        scores: dict[str, dict] = {}
+        for prefix, set_cfg in sets.items():
+            found = evaluate_models(
+                set_cfg,
+                models,
+                teacher,
+                max_records=args.eval_records,
+                prompts=(),
+                include_teacher=include_teacher,
+            )
+            for r in found:
+                scores.setdefault(r["model"], {}).update({prefix + k: r[k] for k in SCORES})
+        return scores
 
     ptq_folder, gguf_bytes = deployed(student, args.out / "ptq")
     fixed = score({"start": student, "ptq": ptq_folder}, include_teacher=True)
@@ -210,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     record({"arm": "ptq", "order": None, **fixed["ptq"], "gap_closed": 0.0})
     sizes = {
         "student_safetensors_bytes": sum(p.stat().st_size for p in student.glob("*.safetensors")),
-        "student_params": None,
+        "student_params": params,
         "ptq_gguf_bytes": gguf_bytes,
+        "ptq_gguf_vs_bf16": gguf_bytes / (2 * params),
     }
     for order in args.orders:
-        for arm in CONFIGS:
+        for arm in args.arms:
             run_dir, seconds = train(args, arm, order, common, cache)
             final = run_dir / CHECKPOINTS_DIRNAME / step_dirname(args.steps)
             folder, arm_bytes = deployed(final, args.out / "deployed" / f"{arm}_order{order}")
@@ -235,25 +312,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{scores['kl_to_teacher']:.4f} in {seconds:.0f} s",
                 flush=True,
             )
-    params = sum(t.numel() for t in load_file(str(next(student.glob("*.safetensors")))).values())
-    sizes["student_params"] = params
-    sizes["ptq_gguf_vs_bf16"] = gguf_bytes / (2 * params)
     study.update(sizes=sizes, load_end=os.getloadavg())
     (args.out / "study.json").write_text(json.dumps(study, indent=2))
     text = table(rows)
-    wins = {
-        metric: sum(
-            next(r for r in rows if r["arm"] == "qad" and r["order"] == o)[metric]
-            < next(r for r in rows if r["arm"] == "qat_ce" and r["order"] == o)[metric]
-            for o in args.orders
+    wins = [
+        f"{label} in {count}/{len(args.orders)} orders"
+        for label, metric in (
+            ("perplexity", "perplexity"),
+            ("KL to the teacher", "kl_to_teacher"),
+            ("out-of-corpus perplexity", "ood_perplexity"),
+            ("out-of-corpus KL", "ood_kl_to_teacher"),
         )
-        for metric in ("perplexity", "kl_to_teacher")
-    }
+        if (count := wins_over_qat_ce(rows, args.orders, metric)) is not None
+    ]
     summary = (
-        f"QAD beats QAT-CE on perplexity in {wins['perplexity']}/{len(args.orders)} orders and "
-        f"on KL to the teacher in {wins['kl_to_teacher']}/{len(args.orders)}. Q4_0 GGUF "
-        f"{gguf_bytes / 1e6:.1f} MB = {sizes['ptq_gguf_vs_bf16']:.3f}x the bf16 weights "
-        f"({2 * params / 1e6:.1f} MB, {params:,} parameters)."
+        (f"QAD beats QAT-CE on {', '.join(wins)}. " if wins else "")
+        + f"Q4_0 GGUF {gguf_bytes / 1e6:.1f} MB = {sizes['ptq_gguf_vs_bf16']:.3f}x the bf16 "
+        f"weights ({2 * params / 1e6:.1f} MB, {params:,} parameters)."
     )
     (args.out / "results.md").write_text(f"{text}\n\n{summary}\n")
     print(f"\n{text}\n\n{summary}")

@@ -33,13 +33,12 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from kdtune.smollm2.demo import kdtune_command, run_logged, student_folder_overrides
 from kdtune.smollm2.evaluate import evaluate_models
 from kdtune.training.checkpoint.layout import CHECKPOINTS_DIRNAME, step_dirname
 from kdtune.training.config.loading import load_config, resolve_config
@@ -104,35 +103,11 @@ def study_data(args: argparse.Namespace) -> tuple[list[str], dict]:
     return overrides, json.loads(sizes_file.read_text())
 
 
-def run(command: list[str], log: Path) -> None:
-    """Run ``command``; its output goes to ``log``; a failure stops the study with the tail."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as file:
-        result = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT)
-    if result.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise SystemExit(f"failed: {' '.join(command)}\n(log {log})\n{tail}")
-
-
-def kdtune(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "kdtune.cli.main", *argv]
-
-
-def student_overrides(folder: Path) -> list[str]:
-    """The shipped 15-layer configs, pointed at any pruned folder (shape from its config)."""
-    return [
-        "model._component_=kdtune.models.llama_from_hf_folder",
-        "~model.num_layers",
-        f"model.folder={folder}",
-        f"checkpointer.checkpoint_dir={folder}",
-    ]
-
-
 def build_cache(args: argparse.Namespace, common: list[str]) -> Path:
     cache = args.out / "teacher_cache"
     if not (cache / "manifest.json").is_file():
-        run(
-            kdtune(
+        run_logged(
+            kdtune_command(
                 "cache-teacher",
                 "--config",
                 CONFIGS["kd_cache"],
@@ -141,6 +116,7 @@ def build_cache(args: argparse.Namespace, common: list[str]) -> Path:
                 *common,
             ),
             args.out / "logs" / "cache.log",
+            "teacher cache build",
         )
     return cache
 
@@ -151,7 +127,7 @@ def train(args, student: str, loss: str, order: int, steps: int, epochs, per_epo
     every = max(1, steps // 4)
     overrides = [
         *common,
-        *student_overrides(args.root / "students" / student),
+        *student_folder_overrides(args.root / "students" / student),
         f"output_dir={out}",
         f"seed={order}",
         f"epochs={epochs}",
@@ -162,12 +138,12 @@ def train(args, student: str, loss: str, order: int, steps: int, epochs, per_epo
     ]
     if loss == "kd_cache":
         overrides.append(f"teacher_cache={cache}")
-    started = time.perf_counter()
-    run(
-        kdtune("run", "knowledge_distillation", "--config", CONFIGS[loss], *overrides),
+    seconds = run_logged(
+        kdtune_command("run", "knowledge_distillation", "--config", CONFIGS[loss], *overrides),
         args.out / "logs" / f"{out.name}.log",
+        f"{out.name} run",
     )
-    return out, time.perf_counter() - started
+    return out, seconds
 
 
 def checkpoints_at(run_dir: Path, steps: int) -> dict[float, Path]:

@@ -92,7 +92,7 @@ def run_logged(command: list[str], log_path: Path, what: str) -> float:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-15:])
-        raise SystemExit(f"[demo --real] the {what} failed; its log is {log_path}:\n{tail}")
+        raise SystemExit(f"[kdtune] the {what} failed; its log is {log_path}:\n{tail}")
     return time.perf_counter() - started
 
 
@@ -180,16 +180,20 @@ def teacher_cache(root: Path, data_file: Path, overrides: list[str]) -> Path:
     return cache
 
 
-def student_overrides(student: Path, data_file: Path) -> list[str]:
-    """Overrides that point the shipped configs at the pruned folder (shape from its
-    ``config.json``) and the demo's records."""
+def student_folder_overrides(student: Path) -> list[str]:
+    """Overrides that point the shipped 15-layer configs at any Llama HF folder ``student``
+    (its shape read from its ``config.json``)."""
     return [
         "model._component_=kdtune.models.llama_from_hf_folder",
         "~model.num_layers",
         f"model.folder={student}",
         f"checkpointer.checkpoint_dir={student}",
-        f"dataset.data_files={data_file}",
     ]
+
+
+def student_overrides(student: Path, data_file: Path) -> list[str]:
+    """:func:`student_folder_overrides` and the demo's records."""
+    return [*student_folder_overrides(student), f"dataset.data_files={data_file}"]
 
 
 def train_arm(root: Path, arm: str, seed: int, steps: int, overrides: list[str]) -> Path:
