@@ -37,14 +37,16 @@ class GGUFQuantType(str, enum.Enum):
     Q4_0 = "q4_0"
 
 
-def _round_half_away(x: Tensor) -> Tensor:
-    """Round to nearest, ties away from zero, as ``gguf.quants.np_roundf`` computes it.
+def _round_half_away(y: Tensor) -> Tensor:
+    """Round ``y`` to nearest, ties away from zero, as ``gguf.quants.np_roundf`` computes it
+    (``floor(|y|) + floor(2 * (|y| - floor(|y|)))`` with ``y``'s sign). Returns a new tensor;
+    ``y`` is left as is.
 
-    ``floor(|x| + 0.5)`` would differ: for ``|x| = 0.5 - 2**-25`` the fp32 sum rounds up to 1.
+    ``floor(|y| + 0.5)`` would differ: for ``|y| = 0.5 - 2**-25`` the fp32 sum rounds up to 1.
     """
-    a = x.abs()
-    floored = a.floor()
-    return x.sign() * (floored + (2 * (a - floored)).floor())
+    magnitude = y.abs()
+    floored = magnitude.floor()
+    return magnitude.sub_(floored).mul_(2).floor_().add_(floored).copysign_(y)
 
 
 def _check_blocks(weight: Tensor, name: str) -> None:
@@ -55,51 +57,92 @@ def _check_blocks(weight: Tensor, name: str) -> None:
         )
 
 
-def q8_0_values(weight: Tensor) -> Tensor:
-    """``Q8_0`` dequantised values of ``weight`` ``[..., in]`` (``in % 32 == 0``), fp32, same shape."""
-    x = weight.detach().to(torch.float32).reshape(-1, BLOCK_SIZE)
-    d = x.abs().amax(dim=-1, keepdim=True) / 127
-    inv_d = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = _round_half_away(x * inv_d)
-    return (q * d.to(torch.float16).to(torch.float32)).reshape(weight.shape)
+def _fp32_blocks(weight: Tensor) -> Tensor:
+    """``weight`` ``[..., in]`` as a fresh fp32 ``[n, 32]`` tensor (the computations below work
+    in place on it)."""
+    blocks = weight.detach().reshape(-1, BLOCK_SIZE)
+    return blocks.to(torch.float32, copy=True)
 
 
-def q4_0_values(weight: Tensor) -> Tensor:
-    """``Q4_0`` dequantised values of ``weight`` ``[..., in]`` (``in % 32 == 0``), fp32, same shape."""
-    x = weight.detach().to(torch.float32).reshape(-1, BLOCK_SIZE)
-    signed_max = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))  # argmax: first on ties
-    d = signed_max / -8
-    inv_d = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc(x * inv_d + 8.5).clamp(max=15) - 8  # x * inv_d >= -8: never below 0 before -8
-    return (q * d.to(torch.float16).to(torch.float32)).reshape(weight.shape)
+def _inverse(d: Tensor) -> Tensor:
+    """``1 / d``, 0 where ``d == 0`` (llama.cpp's ``id``)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _fp16_scale(d: Tensor) -> Tensor:
+    """The stored scale: ``d`` rounded to fp16, back in fp32."""
+    return d.to(torch.float16).to(torch.float32)
+
+
+def q8_0_values(weight: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``Q8_0`` dequantised values of ``weight`` ``[..., in]`` (``in % 32 == 0``): same shape,
+    computed in fp32, returned in ``dtype``."""
+    x = _fp32_blocks(weight)
+    d = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()) / 127
+    q = _round_half_away(x.mul_(_inverse(d)))
+    return q.mul_(_fp16_scale(d)).reshape(weight.shape).to(dtype)
+
+
+def _signed_absmax(x: Tensor) -> Tensor:
+    """Per block of ``x`` ``[n, 32]``, its value of largest magnitude with its sign, the first
+    one when ``+m`` and ``-m`` tie (llama.cpp's loop) ``[n, 1]``.
+
+    ``amax``/``amin`` decide all blocks but the ties; only those take an ``argmax`` (whose
+    first-maximum rule is the loop's), as one ``argmax`` over every block costs several times
+    both reductions on CPU."""
+    high, low = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+    signed = torch.where(high >= -low, high, low)
+    tied = ((high == -low) & (high > 0)).squeeze(-1).nonzero().squeeze(-1)
+    if tied.numel():
+        rows = x.index_select(0, tied)
+        signed[tied] = rows.gather(-1, rows.abs().argmax(dim=-1, keepdim=True))
+    return signed
+
+
+def q4_0_values(weight: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``Q4_0`` dequantised values of ``weight`` ``[..., in]`` (``in % 32 == 0``): same shape,
+    computed in fp32, returned in ``dtype``."""
+    x = _fp32_blocks(weight)
+    d = _signed_absmax(x) / -8
+    # x / d >= -8 (up to rounding), so x / d + 8.5 > 0 and floor is llama.cpp's (int) cast
+    q = x.mul_(_inverse(d)).add_(8.5).floor_().clamp_(max=15).sub_(8)
+    return q.mul_(_fp16_scale(d)).reshape(weight.shape).to(dtype)
 
 
 _VALUES = {GGUFQuantType.Q8_0: q8_0_values, GGUFQuantType.Q4_0: q4_0_values}
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: the block-quantised values (fp32). Backward: the gradient as is, in the weight's
-    dtype (written as a Function, not ``w + (fq - w).detach()``, whose fp32 sum is not always
-    exactly ``fq``)."""
+    """Forward: the block-quantised values, in ``dtype``. Backward: the gradient as is, in the
+    weight's dtype (written as a Function, not ``w + (fq - w).detach()``, whose fp32 sum is not
+    always exactly ``fq``). Casting inside saves a bf16 model two weight-sized copies forward
+    and two backward against a cast after an fp32 result."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, qtype: GGUFQuantType) -> Tensor:
+    def forward(ctx, weight: Tensor, qtype: GGUFQuantType, dtype: torch.dtype) -> Tensor:
         ctx.dtype = weight.dtype
-        return _VALUES[qtype](weight)
+        return _VALUES[qtype](weight, dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad.to(ctx.dtype), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad.to(ctx.dtype), None, None
 
 
-def gguf_fake_quantize(weight: Tensor, qtype: GGUFQuantType | str, name: str = "weight") -> Tensor:
-    """``weight`` ``[..., in]`` as llama.cpp computes with it in ``qtype``: fp32, same shape,
+def gguf_fake_quantize(
+    weight: Tensor,
+    qtype: GGUFQuantType | str,
+    name: str = "weight",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``weight`` ``[..., in]`` as llama.cpp computes with it in ``qtype``: same shape,
     straight-through gradient.
 
     Args:
         weight: any float dtype; blocks of 32 run along the last dimension.
         qtype: ``"q8_0"`` or ``"q4_0"``.
         name: the layer, for the error message.
+        dtype: of the result: fp32 holds llama.cpp's values exactly; a layer computing in bf16
+            asks for bf16 (the fp32 values rounded once).
 
     Raises:
         ValueError: the last dimension is not a multiple of 32 (names ``name``), or an unknown
@@ -107,7 +150,7 @@ def gguf_fake_quantize(weight: Tensor, qtype: GGUFQuantType | str, name: str = "
     """
     qtype = parse_quant_type(qtype)
     _check_blocks(weight, name)
-    return _StraightThrough.apply(weight, qtype)
+    return _StraightThrough.apply(weight, qtype, dtype)
 
 
 def parse_quant_type(qtype: GGUFQuantType | str) -> GGUFQuantType:

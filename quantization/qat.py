@@ -56,8 +56,9 @@ class _FakeQuant:
     def _init_fake_quant(self, qtype: GGUFQuantType, layer_name: str) -> None:
         self.qtype, self.layer_name, self.fake_quant_enabled = qtype, layer_name, True
 
-    def quantized(self, weight: Tensor) -> Tensor:
-        """``weight`` as llama.cpp computes with it (fp32), or as is while disabled.
+    def quantized(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """``weight`` as llama.cpp computes with it, in ``dtype`` (the layer's compute dtype), or
+        as is while disabled.
 
         An output layer (:func:`_quantize_head_once_per_forward`) keeps the result for the rest
         of the model's forward: in chunked-output mode it is called once per chunk with the same
@@ -65,9 +66,14 @@ class _FakeQuant:
         if not self.fake_quant_enabled:
             return weight
         cached = self.__dict__.get("_quantized_this_forward")
-        if cached is not None and cached[0] is weight and cached[1] == weight._version:
+        if (
+            cached is not None
+            and cached[0] is weight
+            and cached[1] == weight._version
+            and cached[2].dtype == dtype
+        ):
             return cached[2]
-        values = gguf_fake_quantize(weight, self.qtype, self.layer_name)
+        values = gguf_fake_quantize(weight, self.qtype, self.layer_name, dtype)
         if "_quantized_this_forward" in self.__dict__:
             self.__dict__["_quantized_this_forward"] = (weight, weight._version, values)
         return values
@@ -77,7 +83,7 @@ class GGUFFakeQuantLinear(nn.Linear, _FakeQuant):
     """``nn.Linear`` computing with its block-quantised weight (cast to the input's dtype)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.quantized(self.weight).to(x.dtype), self.bias)
+        return F.linear(x, self.quantized(self.weight, x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qtype={self.qtype.value}"
@@ -89,7 +95,7 @@ class GGUFFakeQuantEmbedding(nn.Embedding, _FakeQuant):
 
     def forward(self, tokens: Tensor) -> Tensor:
         rows = super().forward(tokens)
-        return self.quantized(rows).to(rows.dtype)
+        return self.quantized(rows, rows.dtype)
 
 
 class GGUFFakeQuantTiedProjection(nn.Module, _FakeQuant):
@@ -100,7 +106,7 @@ class GGUFFakeQuantTiedProjection(nn.Module, _FakeQuant):
         self._init_fake_quant(qtype, layer_name)
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, self.quantized(weight).to(x.dtype))
+        return F.linear(x, self.quantized(weight, x.dtype))
 
 
 class GGUFFakeQuantLoRALinear(LoRALinear, _FakeQuant):
@@ -117,7 +123,7 @@ class GGUFFakeQuantLoRALinear(LoRALinear, _FakeQuant):
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled or not self.fake_quant_enabled:
             return super().forward(x)
-        weight = self.quantized(self.merged_weight()).to(x.dtype)
+        weight = self.quantized(self.merged_weight(), x.dtype)
         return F.linear(x, weight, self.bias if self.use_bias else None)
 
 
@@ -443,9 +449,9 @@ def fake_quantized_output_weight(model: nn.Module, weight: Tensor) -> Tensor:
     ``weight`` is returned unchanged for a model without GGUF fake quantisation on its head."""
     output = getattr(model, "output", None)
     if isinstance(output, TiedLinear) and isinstance(output.linear, _FakeQuant):
-        return output.linear.quantized(weight).to(weight.dtype)
+        return output.linear.quantized(weight, weight.dtype)
     if isinstance(output, _FakeQuant):
-        return output.quantized(weight).to(weight.dtype)
+        return output.quantized(weight, weight.dtype)
     weight_fake_quantizer = getattr(output, "weight_fake_quantizer", None)  # torchao's QAT linear
     if weight_fake_quantizer is not None:
         return weight_fake_quantizer(weight)  # the identity while disabled

@@ -272,7 +272,9 @@ def test_a_chunked_head_is_quantised_once_per_forward_with_the_same_result(tied,
     calls = []
     original = qat.gguf_fake_quantize
     monkeypatch.setattr(
-        qat, "gguf_fake_quantize", lambda w, q, name: calls.append(name) or original(w, q, name)
+        qat,
+        "gguf_fake_quantize",
+        lambda w, q, name, dtype: calls.append(name) or original(w, q, name, dtype),
     )
     runs = {}
     for keep in (True, False):
