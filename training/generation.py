@@ -9,7 +9,8 @@ recipe:
 - :func:`prompt_tokens`: the prompt of a torchtune ``SFTDataset`` sample, i.e. the sample's
   conversation with the assistant's answer removed, tokenised up to and including the
   assistant header (the answer may be empty: prompt-only records are valid here).
-- :func:`generate`: batched sampling with torchtune's KV cache (``local_kv_cache``), left-padded
+- :func:`generate`: batched sampling with a KV cache (:mod:`~kdtune.training.decode_attention`:
+  attention over the filled positions only, no per-head copy of the cache), left-padded
   prompts, per-row stop at a stop token, temperature / top-k / top-p. Each row draws its noise
   from its own generator, seeded by :func:`row_seed` from the run seed, the optimizer step and
   the sample's dataset index, so a row's completion does not depend on the other rows of its
@@ -35,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask
-from torchtune.modules.common_utils import local_kv_cache
 
+from kdtune.training.decode_attention import filled_cache_attention
 from kdtune.training.lm_head import last_position_logits
 
 
@@ -274,9 +275,7 @@ def generate(
     completions = torch.full((batch, options.max_new_tokens), pad_id, device=device)
     logprobs = torch.zeros(batch, options.max_new_tokens, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    with local_kv_cache(
-        model, batch_size=batch, device=device, dtype=cache_dtype, decoder_max_seq_len=total
-    ):
+    with filled_cache_attention(model, batch, total, cache_dtype):
         logits = _last_position_logits(
             model, prompt, input_pos=positions[:, :width], mask=masks[:, :width]
         )
