@@ -157,3 +157,18 @@ def test_reference_is_the_block_format():
     w = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     assert gguf.quants.quantize(w, QTYPES["q8_0"]).shape == (2, 2 * 34)
     assert gguf.quants.quantize(w, QTYPES["q4_0"]).shape == (2, 2 * 18)
+
+
+@pytest.mark.parametrize("qtype", sorted(QTYPES))
+def test_many_signed_ties_and_a_bf16_result(qtype):
+    """Small integers: most blocks hold both +m and -m, so the first-of-the-tie rule decides
+    the Q4_0 scale's sign in most blocks; the bf16 result is the fp32 values rounded once."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randint(-8, 9, (256, 64), generator=g).to(torch.bfloat16)
+    blocks = weight.float().reshape(-1, BLOCK_SIZE)
+    ties = (blocks.amax(-1) == -blocks.amin(-1)).float().mean()
+    assert ties > 0.5
+    expected = reference(weight, qtype)
+    assert torch.equal(gguf_fake_quantize(weight, qtype), expected)
+    as_bf16 = gguf_fake_quantize(weight, qtype, dtype=torch.bfloat16)
+    assert as_bf16.dtype == torch.bfloat16 and torch.equal(as_bf16, expected.to(torch.bfloat16))
