@@ -399,7 +399,22 @@ def run(
     }
     if args.profile and profile.is_file():
         row["profile"] = profile.read_text()
+    if variant.on_policy:
+        row["generation_share"] = generation_share(work / variant.name / "metrics.jsonl")
     return row
+
+
+def generation_share(metrics: Path) -> float | None:
+    """Median over an on-policy run's steps of the step time spent sampling
+    (``generation_seconds`` / (``generation_seconds`` + ``train_seconds``), metrics.jsonl)."""
+    shares = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            step = json.loads(line)
+            if "generation_seconds" in step and "train_seconds" in step:
+                total = step["generation_seconds"] + step["train_seconds"]
+                shares.append(step["generation_seconds"] / total if total else 0.0)
+    return statistics.median(shares) if shares else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -543,6 +558,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, rows in runs.items()
     }
     text = table(results, labels)
+    for name, rows in runs.items():
+        shares = [r["generation_share"] for r in rows if r.get("generation_share") is not None]
+        if shares:
+            results[name]["generation_share"] = statistics.median(shares)
+            text += (
+                f"\n\n{labels[name]}: {statistics.median(shares):.0%} of each step samples the "
+                "completions (median over steps and rounds, metrics.jsonl's generation_seconds); "
+                "the rest is the teacher's and the student's forward, the backward and the update."
+            )
     if args.contention:
         text += "\n\n" + contention_summary(results, labels)
     header = (

@@ -13,8 +13,13 @@ them). Arms, per data order (``--orders``), same records, order, steps and optim
 
 Every arm is scored *as deployed*: its final weights written by ``kdtune export --format gguf
 --quant q4_0`` and read back by transformers' GGUF loader (:func:`kdtune.smollm2.convert.
-convert_gguf`, an independent reader), then held-out perplexity, KL to the bf16 teacher and
-top-1 agreement (:func:`kdtune.smollm2.evaluate.evaluate_models`). The fraction of the PTQ KL
+convert_gguf`, an independent reader), then perplexity, KL to the teacher and top-1 agreement
+(:func:`kdtune.smollm2.evaluate.evaluate_models`) on three held-out sets: the training corpus's
+held-out documents (no prefix), out-of-corpus text (``ood_*``: Debian's licence texts) and the
+teacher's own answers to general chat questions (``answers_*``: :data:`ANSWER_PROMPTS`, sampled
+at temperature 1, answer tokens only). CE on the corpus lowers the first two below even the
+teacher's perplexity (the instruct teacher is not a raw-text model); the third is the teacher's
+distribution, the one QAD trains toward. ``--rescore`` adds missing sets to a finished study. The fraction of the PTQ KL
 gap an arm closes is ``(KL_ptq - KL_arm) / (KL_ptq - KL_start)`` (``KL_start``: the bf16
 student before any quantisation; 0 for the teacher as student).
 
@@ -42,19 +47,43 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from safetensors.torch import load_file
+from torchtune.data import Message
 
 from kdtune.smollm2.convert import convert_gguf
 from kdtune.smollm2.demo import kdtune_command, run_logged, student_folder_overrides
-from kdtune.smollm2.evaluate import evaluate_models
+from kdtune.smollm2.evaluate import evaluate_models, load_smollm2
 from kdtune.smollm2.text import to_records
 from kdtune.smollm2.tokenizer import SmolLM2Tokenizer
 from kdtune.training.checkpoint.layout import CHECKPOINTS_DIRNAME, step_dirname
 from kdtune.training.config.loading import load_config, resolve_config
+from kdtune.training.generation import SamplingOptions, generate, row_seed
 
 CONFIGS = {"qat_ce": "smollm2/135M_prune15_ce", "qad": "smollm2/135M_prune15_kd"}
 QUANTIZER = "{_component_: kdtune.quantization.qat.GGUFQ4_0QATQuantizer}"
 SCORES = ("perplexity", "ce", "kl_to_teacher", "top1_agreement")
+ANSWER_PROMPTS = (
+    "How does photosynthesis work?",
+    "Write a short poem about the sea.",
+    "What are the benefits of regular exercise?",
+    "How do I make a good cup of tea?",
+    "Explain what a black hole is to a child.",
+    "Give me three tips for a job interview.",
+    "What is the difference between weather and climate?",
+    "Summarise the plot of Romeo and Juliet.",
+    "Why is the sky blue?",
+    "Suggest a healthy breakfast.",
+    "What causes earthquakes?",
+    "How can I save money each month?",
+    "Describe the water cycle.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain how vaccines work.",
+    "Write a friendly email declining an invitation.",
+)
+"""Chat questions (general topics, none about Python) the teacher answers for the
+``answers_*`` scores: the instruct teacher's own distribution, which QAD trains toward and which
+fitting the training corpus does not win by itself."""
 LICENSES = Path("/usr/share/common-licenses")
 OOD_FILES = ("Apache-2.0", "Artistic", "GFDL-1.3", "GPL-3", "MPL-2.0")
 """Debian's licence texts: English prose outside the training corpus, for a perplexity that
@@ -82,6 +111,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[LICENSES / name for name in OOD_FILES],
         help=f"text files for an out-of-corpus perplexity (default: {', '.join(OOD_FILES)} "
         f"in {LICENSES})",
+    )
+    parser.add_argument(
+        "--answers-per-prompt",
+        type=int,
+        default=4,
+        help="teacher answers sampled per ANSWER_PROMPTS question for the answers_* scores "
+        "(0: none)",
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no training: add the scores of held-out sets missing from --out's metrics.jsonl "
+        "to its rows (the arms' deployed folders), rewrite metrics.jsonl and results.md",
     )
     return parser.parse_args(argv)
 
@@ -201,6 +243,148 @@ def wins_over_qat_ce(rows: list[dict], orders: list[int], metric: str) -> int | 
     return sum(a[metric] < b[metric] for a, b in pairs)
 
 
+def write_teacher_answers(teacher: Path, out: Path, per_prompt: int, max_new_tokens: int) -> Path:
+    """The teacher's own answers to :data:`ANSWER_PROMPTS` (``per_prompt`` samples each at
+    temperature 1 from the fp32 teacher that scores the arms, kdtune's sampler), as ``out``:
+    a JSON list of ``{"prompt", "answer"}``. Kept if ``out`` exists."""
+    if out.is_file():
+        return out
+    tokenizer = SmolLM2Tokenizer(teacher)
+    model = load_smollm2(teacher)
+    questions = [q for q in ANSWER_PROMPTS for _ in range(per_prompt)]
+    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=1.0)
+    stops = set(tokenizer.stop_tokens)
+    records = []
+    for start in range(0, len(questions), 8):
+        batch = questions[start : start + 8]
+        prompts = [
+            tokenizer.tokenize_messages(
+                [Message("user", q), Message("assistant", "")], add_end_tokens=False
+            )[0]
+            for q in batch
+        ]
+        done = generate(
+            model,
+            prompts,
+            options,
+            seeds=[row_seed(0, 0, start + i) for i in range(len(batch))],
+            stop_ids=tokenizer.stop_tokens,
+            pad_id=tokenizer.pad_id,
+            cache_dtype=torch.float32,
+        )
+        for question, tokens in zip(batch, done.tokens, strict=True):
+            answer = tokenizer.decode([t for t in tokens if t not in stops]).strip()
+            records.append({"prompt": question, "answer": answer})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, ensure_ascii=False, indent=0))
+    return out
+
+
+def eval_configs(args, common: list[str], teacher: Path) -> dict[str, DictConfig]:
+    """Score prefix -> the config whose ``validation_dataset`` is that held-out set: ``""`` the
+    corpus's held-out documents, ``ood_`` the out-of-corpus text, ``answers_`` the teacher's
+    own answers (answer tokens only: ``instruct_dataset`` masks the prompts)."""
+    base = resolve_config(CONFIGS["qad"])
+    cfg = load_config(base, common)
+    sets = {"": cfg}
+    if args.ood_text:
+        ood = write_ood_records(
+            args.ood_text, teacher, cfg.tokenizer.max_seq_len - 1, args.out / "data" / "ood.json"
+        )
+        sets["ood_"] = load_config(base, [*common, f"validation_dataset.data_files={ood}"])
+    if args.answers_per_prompt:
+        answers = write_teacher_answers(
+            teacher, args.out / "data" / "teacher_answers.json", args.answers_per_prompt, 80
+        )
+        sets["answers_"] = load_config(
+            base,
+            [
+                *common,
+                "validation_dataset._component_=torchtune.datasets.instruct_dataset",
+                "~validation_dataset.column",
+                "validation_dataset.column_map={input: prompt, output: answer}",
+                "validation_dataset.train_on_input=false",
+                f"validation_dataset.data_files={answers}",
+            ],
+        )
+    return sets
+
+
+def score(
+    args, sets: dict[str, DictConfig], teacher: Path, models: dict[str, Path], with_teacher=False
+) -> dict[str, dict]:
+    """Model name -> its scores on every set (keys prefixed as in :func:`eval_configs`)."""
+    scores: dict[str, dict] = {}
+    for prefix, set_cfg in sets.items():
+        found = evaluate_models(
+            set_cfg,
+            models,
+            teacher,
+            max_records=args.eval_records,
+            prompts=(),
+            include_teacher=with_teacher,
+        )
+        for r in found:
+            scores.setdefault(r["model"], {}).update({prefix + k: r[k] for k in SCORES})
+    return scores
+
+
+def summary(rows: list[dict], orders: list[int], gguf_bytes: int, params: int) -> str:
+    """Which metrics QAD wins in how many orders, and the file size."""
+    wins = [
+        f"{label} in {count}/{len(orders)} orders"
+        for label, metric in (
+            ("perplexity", "perplexity"),
+            ("KL to the teacher", "kl_to_teacher"),
+            ("out-of-corpus perplexity", "ood_perplexity"),
+            ("out-of-corpus KL", "ood_kl_to_teacher"),
+            ("perplexity of the teacher's answers", "answers_perplexity"),
+            ("KL on the teacher's answers", "answers_kl_to_teacher"),
+        )
+        if (count := wins_over_qat_ce(rows, orders, metric)) is not None
+    ]
+    return (f"QAD beats QAT-CE on {', '.join(wins)}. " if wins else "") + (
+        f"Q4_0 GGUF {gguf_bytes / 1e6:.1f} MB = {gguf_bytes / (2 * params):.3f}x the bf16 "
+        f"weights ({2 * params / 1e6:.1f} MB, {params:,} parameters)."
+    )
+
+
+def write_results(args, rows: list[dict], gguf_bytes: int, params: int) -> None:
+    """``metrics.jsonl`` (all rows) and ``results.md`` (table and summary)."""
+    (args.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = f"{table(rows)}\n\n{summary(rows, args.orders, gguf_bytes, params)}"
+    (args.out / "results.md").write_text(text + "\n")
+    print(f"\n{text}")
+
+
+def folders_of(args, student: Path) -> dict[tuple[str, int | None], Path]:
+    """(arm, order) -> the HF folder scored for it (the deployed arms' read-back GGUFs)."""
+    folders: dict[tuple[str, int | None], Path] = {
+        ("start", None): student,
+        ("ptq", None): args.out / "ptq" / "hf",
+    }
+    for order in args.orders:
+        for arm in args.arms:
+            folders[(arm, order)] = args.out / "deployed" / f"{arm}_order{order}" / "hf"
+    return folders
+
+
+def rescore(args, sets: dict[str, DictConfig], teacher: Path, student: Path, params: int) -> int:
+    """Add the scores of sets missing from ``metrics.jsonl``'s rows (no training, no export)."""
+    rows = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
+    folders = folders_of(args, student)
+    missing = {p: c for p, c in sets.items() if any(p + "perplexity" not in r for r in rows)}
+    for prefix, set_cfg in missing.items():
+        names = {f"{arm}@{order}": folders[(arm, order)] for arm, order in folders}
+        found = score(args, {prefix: set_cfg}, teacher, names, with_teacher=True)
+        for row in rows:
+            name = "teacher" if row["arm"] == "teacher" else f"{row['arm']}@{row['order']}"
+            row.update(found[name])
+    gguf_bytes = (args.out / "ptq" / "model-q4_0.gguf").stat().st_size
+    write_results(args, rows, gguf_bytes, params)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     student = (args.student or args.root / "teacher").resolve()
@@ -219,15 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         f"validation_dataset.data_files={val_file}",
         *student_folder_overrides(student),
     ]
-    cfg = load_config(resolve_config(CONFIGS["qad"]), common)
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.tokenizer.max_seq_len
     teacher = args.root / "teacher"
     params = sum(t.numel() for t in load_file(str(next(student.glob("*.safetensors")))).values())
-    ood_file = None
-    if args.ood_text:
-        ood_file = write_ood_records(
-            args.ood_text, teacher, cfg.tokenizer.max_seq_len - 1, args.out / "data" / "ood.json"
-        )
+    sets = eval_configs(args, common, teacher)
+    if args.rescore:
+        return rescore(args, sets, teacher, student, params)
+    cfg = sets[""]
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.tokenizer.max_seq_len
     study = {
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -244,42 +426,20 @@ def main(argv: list[str] | None = None) -> int:
             "val": str(val_file),
             "cache": str(cache),
             "out_of_corpus": [str(p) for p in args.ood_text],
+            "teacher_answers": f"{args.answers_per_prompt} per prompt x {len(ANSWER_PROMPTS)}",
         },
         "eval_records": args.eval_records,
     }
     rows: list[dict] = []
-    metrics = args.out / "metrics.jsonl"
-    metrics.write_text("")
 
     def record(row: dict) -> None:
         rows.append(row)
-        with metrics.open("a") as file:
+        with (args.out / "metrics.jsonl").open("a") as file:
             file.write(json.dumps(row) + "\n")
 
-    def score(models: dict[str, Path], include_teacher: bool = False) -> dict[str, dict]:
-        """In-corpus held-out scores, and out-of-corpus ones as ``ood_*``."""
-        sets = {"": cfg}
-        if ood_file is not None:
-            sets["ood_"] = load_config(
-                resolve_config(CONFIGS["qad"]),
-                [*common, f"validation_dataset.data_files={ood_file}"],
-            )
-        scores: dict[str, dict] = {}
-        for prefix, set_cfg in sets.items():
-            found = evaluate_models(
-                set_cfg,
-                models,
-                teacher,
-                max_records=args.eval_records,
-                prompts=(),
-                include_teacher=include_teacher,
-            )
-            for r in found:
-                scores.setdefault(r["model"], {}).update({prefix + k: r[k] for k in SCORES})
-        return scores
-
+    (args.out / "metrics.jsonl").write_text("")
     ptq_folder, gguf_bytes = deployed(student, args.out / "ptq")
-    fixed = score({"start": student, "ptq": ptq_folder}, include_teacher=True)
+    fixed = score(args, sets, teacher, {"start": student, "ptq": ptq_folder}, with_teacher=True)
     kl_start, kl_ptq = fixed["start"]["kl_to_teacher"], fixed["ptq"]["kl_to_teacher"]
     record({"arm": "teacher", "order": None, **fixed["teacher"]})
     record({"arm": "start", "order": None, **fixed["start"]})
@@ -295,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, seconds = train(args, arm, order, common, cache)
             final = run_dir / CHECKPOINTS_DIRNAME / step_dirname(args.steps)
             folder, arm_bytes = deployed(final, args.out / "deployed" / f"{arm}_order{order}")
-            scores = score({arm: folder})[arm]
+            scores = score(args, sets, teacher, {arm: folder})[arm]
             record(
                 {
                     "arm": arm,
@@ -314,24 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     study.update(sizes=sizes, load_end=os.getloadavg())
     (args.out / "study.json").write_text(json.dumps(study, indent=2))
-    text = table(rows)
-    wins = [
-        f"{label} in {count}/{len(args.orders)} orders"
-        for label, metric in (
-            ("perplexity", "perplexity"),
-            ("KL to the teacher", "kl_to_teacher"),
-            ("out-of-corpus perplexity", "ood_perplexity"),
-            ("out-of-corpus KL", "ood_kl_to_teacher"),
-        )
-        if (count := wins_over_qat_ce(rows, args.orders, metric)) is not None
-    ]
-    summary = (
-        (f"QAD beats QAT-CE on {', '.join(wins)}. " if wins else "")
-        + f"Q4_0 GGUF {gguf_bytes / 1e6:.1f} MB = {sizes['ptq_gguf_vs_bf16']:.3f}x the bf16 "
-        f"weights ({2 * params / 1e6:.1f} MB, {params:,} parameters)."
-    )
-    (args.out / "results.md").write_text(f"{text}\n\n{summary}\n")
-    print(f"\n{text}\n\n{summary}")
+    write_results(args, rows, gguf_bytes, params)
     return 0
 
 
