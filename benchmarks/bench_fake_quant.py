@@ -14,10 +14,7 @@ chunks; ``fused``) the same step three ways:
   groupsize 32 (int8 per-token activations, int4 weights; the tied head is not quantised).
 
 Runs are interleaved (round-robin over the six, ``--repeats`` rounds); each variant's number is
-the median of its runs' medians. ``--without-huge-pages`` adds each variant with
-``THP_MEM_ALLOC_ENABLE=0`` (PyTorch's default CPU allocation, ``<loss>-4k_<quantiser>``; kdtune
-turns huge pages on: ``kdtune.use_huge_pages_for_large_tensors``), interleaved with the rest.
-The load average (``os.getloadavg()``) is recorded before and
+the median of its runs' medians. The load average (``os.getloadavg()``) is recorded before and
 after the whole benchmark and around every run. Ratios are each quantised step over the plain
 step with the same loss. ``--profile`` adds each run's top ops (self CPU) of one step.
 
@@ -55,27 +52,21 @@ LOSSES = ("chunked", "fused")
 
 
 def variants(
-    losses: tuple[str, ...] = LOSSES,
-    quantizers: tuple[str, ...] = tuple(QUANTIZERS),
-    without_huge_pages: bool = False,
+    losses: tuple[str, ...] = LOSSES, quantizers: tuple[str, ...] = tuple(QUANTIZERS)
 ) -> list[bench_real.Variant]:
-    """Every (loss, quantiser) pair as a :class:`bench_real.Variant` of the full student; with
-    ``without_huge_pages`` each also as ``<loss>-4k_<quantiser>`` (``THP_MEM_ALLOC_ENABLE=0``:
-    PyTorch's default allocation, 4 KiB page faults)."""
-    pages = [True, False] if without_huge_pages else [True]
+    """Every (loss, quantiser) pair as a :class:`bench_real.Variant` of the full student."""
     return [
         bench_real.Variant(
-            name=f"{loss}{'' if huge else '-4k'}_{quant}",
+            name=f"{loss}_{quant}",
             recipe="kdtune",
             student="full",
             loss=loss,
-            label=f"kdtune, full, {loss}, {quant}{'' if huge else ', 4 KiB pages'}",
-            quantizer=QUANTIZERS[quant],
-            huge_pages=huge,
+            label=f"kdtune, full, {loss}, {quant}",
+            quantizer=node,
         )
-        for huge in pages
         for loss in losses
-        for quant in quantizers
+        for quant, node in QUANTIZERS.items()
+        if quant in quantizers
     ]
 
 
@@ -93,11 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", type=Path, default=bench_real.REPO / "kdtune_real")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS), choices=QUANTIZERS)
-    parser.add_argument(
-        "--without-huge-pages",
-        action="store_true",
-        help="also run every variant with THP_MEM_ALLOC_ENABLE=0 (PyTorch's default allocation)",
-    )
     parser.add_argument("--records", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-len", type=int, default=128)
@@ -111,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.real / "students" / "prune15" / "model.safetensors").is_file():
         parser.error(f"--real {args.real}: no students/prune15 (kdtune smollm2 setup)")
-    chosen = variants(tuple(args.losses), tuple(args.quantizers), args.without_huge_pages)
+    chosen = variants(tuple(args.losses), tuple(args.quantizers))
     runs: dict[str, list[dict]] = {v.name: [] for v in chosen}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kdtune_bench_fake_quant_") as tmp:
@@ -145,15 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         print(f"{name:24s} {medians[name]:.3f} s/step{versus}")
-    huge_page_speedups = {
-        name: medians[name.replace("-4k", "")] / seconds
-        for name, seconds in medians.items()
-        if "-4k" in name
-    }
-    for name, ratio in huge_page_speedups.items():
-        print(
-            f"{name.replace('-4k', ''):24s} with huge pages: {ratio:.2f}x the speed of 4 KiB pages"
-        )
     missed = [name for name, ratio in wall_ratios.items() if ratio > TARGET]
     print(f"target <= {TARGET}x: " + (f"missed by {missed}" if missed else "met by every variant"))
     result = {
@@ -167,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         "median_cpu_seconds": cpu_medians,
         "ratio_to_plain": wall_ratios,
         "cpu_ratio_to_plain": cpu_ratios,
-        "huge_pages_speedup": huge_page_speedups,
         "target": TARGET,
         "missed": missed,
         "runs": runs,

@@ -27,9 +27,7 @@ one interleaved run. ``--profile`` writes each variant's top ops (self CPU time)
 optimizer step after warmup. ``--quick``: 4 steps (median of the last 3 intervals), 1 round,
 24 records. ``--contention`` runs every variant twice per round, alone and beside
 :data:`COMPETITOR` (another 2-thread PyTorch training process), and adds each variant's slowdown
-and its ratio to the CE-only variant's slowdown. kdtune's runs use its default huge-page CPU
-allocation (``THP_MEM_ALLOC_ENABLE=1``), torchtune's PyTorch's default (``0``);
-``--without-huge-pages`` adds every kdtune variant with ``0`` as ``<variant>-4k``.
+and its ratio to the CE-only variant's slowdown.
 
     python benchmarks/bench_real.py --quick
     python benchmarks/bench_real.py --variants torchtune_lora kdtune_lora_chunked --profile
@@ -39,7 +37,6 @@ allocation (``THP_MEM_ALLOC_ENABLE=1``), torchtune's PyTorch's default (``0``);
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -101,7 +98,6 @@ class Variant:
     on_policy: bool = False
     tree: str | None = None  # another kdtune source tree (the --before runs)
     quantizer: dict | None = None  # the student's ``quantizer:`` node (bench_fake_quant.py)
-    huge_pages: bool = True  # kdtune's default (THP_MEM_ALLOC_ENABLE=1); torchtune: PyTorch's (0)
 
 
 VARIANTS = {
@@ -301,8 +297,6 @@ def write_config(args: argparse.Namespace, data: dict, variant: Variant, work: P
 
 def _env(variant: Variant, threads: int | None) -> dict[str, str]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    # PyTorch's default for torchtune's recipe; kdtune's own (huge pages) unless switched off
-    env["THP_MEM_ALLOC_ENABLE"] = "1" if variant.recipe == "kdtune" and variant.huge_pages else "0"
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     if variant.tree is not None:  # the other tree's kdtune comes first on the path
@@ -481,12 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         help="run each variant alone and beside a competing 2-thread PyTorch training process "
         "(interleaved); reports each variant's slowdown",
     )
-    parser.add_argument(
-        "--without-huge-pages",
-        action="store_true",
-        help="also run every kdtune variant with THP_MEM_ALLOC_ENABLE=0 (PyTorch's default CPU "
-        "allocation: 4 KiB page faults), as <variant>-4k",
-    )
     parser.add_argument("--out", type=Path, default=RESULTS / "real_cpu.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -507,14 +495,6 @@ def main(argv: list[str] | None = None) -> int:
                 v.cached,
                 v.on_policy,
                 tree,
-            )
-            for v in variants
-            if v.recipe == "kdtune"
-        ]
-    if args.without_huge_pages:
-        variants += [
-            dataclasses.replace(
-                v, name=f"{v.name}-4k", label=f"{v.label}, 4 KiB pages", huge_pages=False
             )
             for v in variants
             if v.recipe == "kdtune"
