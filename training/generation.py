@@ -268,6 +268,10 @@ def generate(
     is_token = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]
     is_token = torch.nn.functional.pad(is_token, (0, options.max_new_tokens), value=True)
     masks = get_causal_mask_from_padding_mask(is_token, target_seq_len=total)  # [B, T, T]
+    # additive (0 / -inf) in the cache's dtype, made once: every layer's attention uses it as is
+    masks = torch.zeros(masks.shape, dtype=cache_dtype, device=device).masked_fill_(
+        ~masks, -math.inf
+    )
     positions = (is_token.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     stops = torch.tensor(list(stop_ids), device=device)
@@ -286,7 +290,9 @@ def generate(
             token = sample_next(logits, options, noise)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             completions[:, step] = token
-            logprobs[:, step] = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+            # log-softmax at the drawn token only: its logit minus the row's logsumexp
+            picked = logits.gather(-1, token[:, None]).squeeze(-1)
+            logprobs[:, step] = picked - logits.logsumexp(-1)
             finished |= torch.isin(token, stops)
             if step + 1 == options.max_new_tokens or all_finished(finished):
                 break
