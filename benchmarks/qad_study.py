@@ -195,9 +195,10 @@ def _cell(group: list[dict], key: str, fmt: str) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per arm, mean ± std over the orders, then each order's values."""
     lines = [
-        "| arm | perplexity ↓ | KL to bf16 teacher ↓ | top-1 ↑ | PTQ KL gap closed ↑ "
-        "| out-of-corpus perplexity ↓ | out-of-corpus KL ↓ | per order (ppl / KL / ood ppl) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| arm | corpus perplexity ↓ | corpus KL to teacher ↓ | top-1 ↑ | PTQ KL gap closed ↑ "
+        "| licences perplexity ↓ | licences KL ↓ | teacher's answers perplexity ↓ "
+        "| teacher's answers KL ↓ | per order (corpus ppl / KL / answers ppl) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for arm in ("teacher", "start", "ptq", *CONFIGS):
         group = [r for r in rows if r["arm"] == arm]
@@ -205,7 +206,7 @@ def table(rows: list[dict]) -> str:
             continue
         per_order = ", ".join(
             f"{r['order']}: {r['perplexity']:.2f} / {r['kl_to_teacher']:.4f}"
-            + (f" / {r['ood_perplexity']:.2f}" if "ood_perplexity" in r else "")
+            + (f" / {r['answers_perplexity']:.2f}" if "answers_perplexity" in r else "")
             for r in group
             if r.get("order") is not None
         )
@@ -216,6 +217,8 @@ def table(rows: list[dict]) -> str:
             _cell(group, "gap_closed", "{:.2f}"),
             _cell(group, "ood_perplexity", "{:.2f}"),
             _cell(group, "ood_kl_to_teacher", "{:.4f}"),
+            _cell(group, "answers_perplexity", "{:.2f}"),
+            _cell(group, "answers_kl_to_teacher", "{:.4f}"),
         ]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {per_order} |")
     return "\n".join(lines)
