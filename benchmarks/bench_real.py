@@ -163,9 +163,17 @@ def load_average() -> float:
 # Data and configs
 
 
+SETUP_RECORD_TOKENS = 128
+"""``kdtune smollm2 setup`` cuts its text records at 127 tokens."""
+
+
 def write_data(real: Path, work: Path, records: int, max_seq_len: int) -> dict[str, Path]:
-    """The first ``records`` text records, and instruct records made from them."""
-    texts = [r["text"] for r in json.loads((real / "data" / "train.json").read_text())][:records]
+    """``records`` text records that fill ``max_seq_len`` tokens (the set-up's 127-token records
+    joined in consecutive groups of ``max_seq_len // 128``), and instruct records made from
+    them."""
+    group = max(1, max_seq_len // SETUP_RECORD_TOKENS)
+    pieces = [r["text"] for r in json.loads((real / "data" / "train.json").read_text())]
+    texts = ["".join(pieces[i : i + group]) for i in range(0, group * records, group)]
     text_path = work / "train.json"
     text_path.write_text(json.dumps([{"text": t} for t in texts]))
     instruct = [
