@@ -156,9 +156,10 @@ def demo_records(root: Path, count: int) -> Path:
 
 
 def teacher_cache(root: Path, data_file: Path, overrides: list[str]) -> Path:
-    """The teacher's top-k over ``data_file``, built once by ``kdtune cache-teacher`` (the
+    """The teacher's top-k over ``data_file`` at the configs' ``tokenizer.max_seq_len``, built
+    once by ``kdtune cache-teacher`` into ``teacher_cache/<data file>_s<max_seq_len>`` (the
     recipe checks its fingerprints against the data and teacher when it trains)."""
-    cache = root / "teacher_cache" / data_file.stem
+    cache = root / "teacher_cache" / f"{data_file.stem}_s{max_seq_len_of(overrides)}"
     if (cache / "manifest.json").is_file():
         print(f"[cache] reusing {cache}", flush=True)
         return cache

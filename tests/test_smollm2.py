@@ -619,7 +619,7 @@ def test_demo_prunes_caches_trains_both_arms_and_scores_them(tiny, tmp_path, mon
     student = root / "students" / "depth_half"
     prune = json.loads((student / "prune.json").read_text())
     assert prune["shape"]["layers"] == 2 and "--layers 2" in prune["command"]
-    cache = root / "teacher_cache" / "demo_train_8"
+    cache = root / "teacher_cache" / "demo_train_8_s48"  # named after the data and its length
     assert (cache / "manifest.json").is_file()
     for arm in ("ce", "kd_cache"):
         train = [
