@@ -303,10 +303,12 @@ def write_config(args: argparse.Namespace, data: dict, variant: Variant, work: P
     return path
 
 
-def _env(variant: Variant, threads: int | None) -> dict[str, str]:
+def _env(variant: Variant, threads: int | None, wait_policy: str | None = None) -> dict[str, str]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    if wait_policy is not None:  # the measured runs only, not the competitor
+        env["OMP_WAIT_POLICY"] = wait_policy
     if variant.tree is not None:  # the other tree's kdtune comes first on the path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [variant.tree, env.get("PYTHONPATH")]))
     return env
@@ -325,7 +327,7 @@ def build_cache(args: argparse.Namespace, data: dict, work: Path) -> dict:
             [sys.executable, "-m", "kdtune.cli.main", *command[1:]],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_env(variant, args.threads),
+            env=_env(variant, args.threads, args.omp_wait_policy),
             check=False,
         )
     if proc.returncode != 0:
@@ -372,7 +374,7 @@ def run(
                 [sys.executable, str(HERE / "bench_recipe.py"), "--worker", json.dumps(spec)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=_env(variant, args.threads),
+                env=_env(variant, args.threads, args.omp_wait_policy),
                 check=False,
             )
     finally:
@@ -474,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--fused-num-chunks", type=int, default=NUM_CHUNKS)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs")
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("passive", "active"),
+        default=None,
+        help="OMP_WAIT_POLICY of the measured runs (default: unset, libgomp spins a while)",
+    )
     parser.add_argument("--before", type=Path, default=None, help="a folder holding kdtune/")
     parser.add_argument("--profile", action="store_true", help="top ops of one step per run")
     parser.add_argument("--quick", action="store_true", help="4 steps, 1 round, 24 records")
