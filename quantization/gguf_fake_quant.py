@@ -83,13 +83,21 @@ def q8_0_values(weight: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return q.mul_(_fp16_scale(d)).reshape(weight.shape).to(dtype)
 
 
+def _signed_absmax_by_argmax(x: Tensor) -> Tensor:
+    """:func:`_signed_absmax` by one ``argmax`` of ``|x|`` over every block (its first-maximum
+    rule is llama.cpp's loop): one kernel and no host sync, the choice on accelerators."""
+    return x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))
+
+
 def _signed_absmax(x: Tensor) -> Tensor:
     """Per block of ``x`` ``[n, 32]``, its value of largest magnitude with its sign, the first
     one when ``+m`` and ``-m`` tie (llama.cpp's loop) ``[n, 1]``.
 
-    ``amax``/``amin`` decide all blocks but the ties; only those take an ``argmax`` (whose
-    first-maximum rule is the loop's), as one ``argmax`` over every block costs several times
-    both reductions on CPU."""
+    On CPU ``amax``/``amin`` decide all blocks but the ties and only those take an ``argmax``:
+    one ``argmax`` over every block costs several times both reductions there. Elsewhere
+    :func:`_signed_absmax_by_argmax` (finding the ties would cost a host sync per weight)."""
+    if x.device.type != "cpu":
+        return _signed_absmax_by_argmax(x)
     high, low = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
     signed = torch.where(high >= -low, high, low)
     tied = ((high == -low) & (high > 0)).squeeze(-1).nonzero().squeeze(-1)

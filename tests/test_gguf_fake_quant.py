@@ -15,6 +15,8 @@ import torch
 from kdtune.quantization.gguf_fake_quant import (
     BLOCK_SIZE,
     GGUFFakeQuantizer,
+    _signed_absmax,
+    _signed_absmax_by_argmax,
     gguf_fake_quantize,
     parse_quant_type,
 )
@@ -172,3 +174,13 @@ def test_many_signed_ties_and_a_bf16_result(qtype):
     assert torch.equal(gguf_fake_quantize(weight, qtype), expected)
     as_bf16 = gguf_fake_quantize(weight, qtype, dtype=torch.bfloat16)
     assert as_bf16.dtype == torch.bfloat16 and torch.equal(as_bf16, expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("case", sorted(adversarial_weights()))
+def test_the_cpu_and_the_accelerator_extreme_agree(case):
+    """The CPU path (amax/amin, argmax on ties) and the accelerators' (one argmax) pick the same
+    signed extreme of every block (ties included), so CUDA quantises as the tested CPU path."""
+    blocks = adversarial_weights()[case].reshape(-1, BLOCK_SIZE)
+    ties = torch.randint(-8, 9, (64, BLOCK_SIZE), generator=torch.Generator().manual_seed(2))
+    for x in (blocks, ties.float()):
+        assert torch.equal(_signed_absmax(x), _signed_absmax_by_argmax(x))
