@@ -27,7 +27,9 @@ one interleaved run. ``--profile`` writes each variant's top ops (self CPU time)
 optimizer step after warmup. ``--quick``: 4 steps (median of the last 3 intervals), 1 round,
 24 records. ``--contention`` runs every variant twice per round, alone and beside
 :data:`COMPETITOR` (another 2-thread PyTorch training process), and adds each variant's slowdown
-and its ratio to the CE-only variant's slowdown.
+and its ratio to the CE-only variant's slowdown. ``--omp-wait-policy`` sets the measured
+runs' ``OMP_WAIT_POLICY`` (default: ``PASSIVE`` for kdtune's runs, as the ``kdtune`` command
+sets it, libgomp's own for torchtune's; ``default``: libgomp's own for all).
 
     python benchmarks/bench_real.py --quick
     python benchmarks/bench_real.py --variants torchtune_lora kdtune_lora_chunked --profile
@@ -307,8 +309,13 @@ def _env(variant: Variant, threads: int | None, wait_policy: str | None = None) 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    if wait_policy is not None:  # the measured runs only, not the competitor
-        env["OMP_WAIT_POLICY"] = wait_policy
+    # the measured runs only, not the competitor. kdtune's runs: what `kdtune run` sets (the
+    # worker imports torch before kdtune, so it must come from here); torchtune's: libgomp's own
+    env.pop("OMP_WAIT_POLICY", None)
+    if wait_policy is None and variant.recipe == "kdtune":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif wait_policy not in (None, "default"):
+        env["OMP_WAIT_POLICY"] = wait_policy.upper()
     if variant.tree is not None:  # the other tree's kdtune comes first on the path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [variant.tree, env.get("PYTHONPATH")]))
     return env
@@ -478,9 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs")
     parser.add_argument(
         "--omp-wait-policy",
-        choices=("passive", "active"),
+        choices=("default", "passive", "active"),
         default=None,
-        help="OMP_WAIT_POLICY of the measured runs (default: unset, libgomp spins a while)",
+        help="OMP_WAIT_POLICY of the measured runs (default: PASSIVE for kdtune's, as `kdtune "
+        "run` sets it, unset for torchtune's; 'default': unset for all, libgomp spins a while)",
     )
     parser.add_argument("--before", type=Path, default=None, help="a folder holding kdtune/")
     parser.add_argument("--profile", action="store_true", help="top ops of one step per run")
