@@ -28,8 +28,7 @@ optimizer step after warmup. ``--quick``: 4 steps (median of the last 3 interval
 24 records. ``--contention`` runs every variant twice per round, alone and beside
 :data:`COMPETITOR` (another 2-thread PyTorch training process), and adds each variant's slowdown
 and its ratio to the CE-only variant's slowdown. ``--omp-wait-policy`` sets the measured
-runs' ``OMP_WAIT_POLICY`` (default: ``PASSIVE`` for kdtune's runs, as the ``kdtune`` command
-sets it, libgomp's own for torchtune's; ``default``: libgomp's own for all).
+runs' ``OMP_WAIT_POLICY`` (the competitor keeps libgomp's defaults).
 
     python benchmarks/bench_real.py --quick
     python benchmarks/bench_real.py --variants torchtune_lora kdtune_lora_chunked --profile
@@ -154,6 +153,8 @@ step loop, fp32) that runs for the whole of a measured run."""
 
 def start_competitor() -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # the competitor: libgomp's defaults
+        env.pop(name, None)
     return subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env)
 
 
@@ -309,12 +310,7 @@ def _env(variant: Variant, threads: int | None, wait_policy: str | None = None) 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    # the measured runs only, not the competitor. kdtune's runs: what `kdtune run` sets (the
-    # worker imports torch before kdtune, so it must come from here); torchtune's: libgomp's own
-    env.pop("OMP_WAIT_POLICY", None)
-    if wait_policy is None and variant.recipe == "kdtune":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    elif wait_policy not in (None, "default"):
+    if wait_policy is not None:  # the measured runs only, not the competitor
         env["OMP_WAIT_POLICY"] = wait_policy.upper()
     if variant.tree is not None:  # the other tree's kdtune comes first on the path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [variant.tree, env.get("PYTHONPATH")]))
@@ -485,10 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs")
     parser.add_argument(
         "--omp-wait-policy",
-        choices=("default", "passive", "active"),
+        choices=("passive", "active"),
         default=None,
-        help="OMP_WAIT_POLICY of the measured runs (default: PASSIVE for kdtune's, as `kdtune "
-        "run` sets it, unset for torchtune's; 'default': unset for all, libgomp spins a while)",
+        help="OMP_WAIT_POLICY of the measured runs (default: the environment's; unset, libgomp "
+        "spins a while before it sleeps)",
     )
     parser.add_argument("--before", type=Path, default=None, help="a folder holding kdtune/")
     parser.add_argument("--profile", action="store_true", help="top ops of one step per run")
