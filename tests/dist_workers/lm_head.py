@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -194,3 +196,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's teardown: twice in CI (rarely; never in 6 runs alone) a rank of
+    # this worker aborted at the end with "terminate called without an active exception" (a
+    # C++ thread of the torch.distributed / FSDP objects still joinable when destroyed at
+    # exit), after its results were complete. The results are written and the group destroyed
+    # above; nothing is left for the teardown to do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
