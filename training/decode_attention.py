@@ -14,8 +14,9 @@ module's own (LoRA layers included), so the result is torchtune's attention up t
 summation order of the attention kernel.
 
 The caller owns the positions: each call's tokens are cache positions ``filled ..
-filled + s - 1`` in order, ``mask`` is ``[B, s, T]`` over all ``T`` cache positions (True:
-attend), and ``input_pos`` ``[B, s]`` gives the rotary positions.
+filled + s - 1`` in order, ``mask`` is ``[B, s, T]`` over all ``T`` cache positions (bool,
+True: attend; or additive, 0 / -inf, as :func:`kdtune.training.generation.generate` passes it),
+and ``input_pos`` ``[B, s]`` gives the rotary positions.
 """
 
 from __future__ import annotations
