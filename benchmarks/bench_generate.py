@@ -4,7 +4,9 @@ The same real SmolLM2 folder (``./kdtune_real/teacher`` by default) loaded by bo
 same left-padded batch of chat prompts, greedy decoding of exactly ``--new`` tokens (no stop
 token, so both do the same work), interleaved rounds in one process; tokens/s = generated
 tokens / wall seconds (prefill included), with process CPU seconds and the load average.
-kdtune's model is in the 8-chunk output mode the recipe leaves it in.
+kdtune's model is in the 8-chunk output mode the recipe leaves it in. ``kdtune_unfused`` is
+kdtune's sampler without its fused projections (``FUSED_COPY_BUDGET_BYTES = 0``), to show what
+the fusion gives in the same run.
 
     python benchmarks/bench_generate.py --rounds 3 --new 32
 """
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kdtune.smollm2.evaluate import load_smollm2
     from kdtune.smollm2.tokenizer import SmolLM2Tokenizer
+    from kdtune.training import decode_attention
     from kdtune.training.generation import SamplingOptions, generate
 
     tokenizer = SmolLM2Tokenizer(args.folder)
@@ -88,7 +91,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         return int((out.shape[1] - width) * out.shape[0])
 
-    arms = {"kdtune": kdtune_arm, "transformers": transformers_arm}
+    def kdtune_unfused_arm() -> int:
+        budget = decode_attention.FUSED_COPY_BUDGET_BYTES
+        decode_attention.FUSED_COPY_BUDGET_BYTES = 0
+        try:
+            return kdtune_arm()
+        finally:
+            decode_attention.FUSED_COPY_BUDGET_BYTES = budget
+
+    arms = {
+        "kdtune": kdtune_arm,
+        "transformers": transformers_arm,
+        "kdtune_unfused": kdtune_unfused_arm,
+    }
     for arm in arms.values():  # warm-up
         arm()
     rows: dict[str, list[dict]] = {name: [] for name in arms}

@@ -312,6 +312,10 @@ def _env(variant: Variant, threads: int | None, wait_policy: str | None = None) 
         env["OMP_NUM_THREADS"] = str(threads)
     if wait_policy is not None:  # the measured runs only, not the competitor
         env["OMP_WAIT_POLICY"] = wait_policy.upper()
+    if variant.recipe == "kdtune":
+        # what `kdtune run` sets on import (kdtune.OPENMP_SPIN_COUNT); the worker imports torch
+        # before kdtune, so it must come from the environment here
+        env.setdefault("GOMP_SPINCOUNT", "10000")
     if variant.tree is not None:  # the other tree's kdtune comes first on the path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [variant.tree, env.get("PYTHONPATH")]))
     return env

@@ -61,7 +61,16 @@ from kdtune.training.config.loading import load_config, resolve_config
 from kdtune.training.generation import SamplingOptions, generate, row_seed
 
 CONFIGS = {"qat_ce": "smollm2/135M_prune15_ce", "qad": "smollm2/135M_prune15_kd"}
-QUANTIZER = "{_component_: kdtune.quantization.qat.GGUFQ4_0QATQuantizer}"
+
+
+def quantizer(embedding_quant: str) -> str:
+    """The ``quantizer=`` override: GGUF Q4_0 fake quantisation, the embedding as given."""
+    return (
+        "{_component_: kdtune.quantization.qat.GGUFQ4_0QATQuantizer, "
+        f"embedding: {embedding_quant}}}"
+    )
+
+
 SCORES = ("perplexity", "ce", "kl_to_teacher", "top1_agreement")
 ANSWER_PROMPTS = (
     "How does photosynthesis work?",
@@ -120,6 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(0: none)",
     )
     parser.add_argument(
+        "--embedding-quant",
+        choices=("q8_0", "q4_0"),
+        default="q8_0",
+        help="the token embedding / tied head, trained (fake quantiser) and exported as this "
+        "(q4_0: llama-quantize --pure, the smallest file)",
+    )
+    parser.add_argument(
         "--rescore",
         action="store_true",
         help="no training: add the scores of held-out sets missing from --out's metrics.jsonl "
@@ -128,9 +144,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def deployed(source: Path, work: Path) -> tuple[Path, int]:
-    """``source`` (a checkpoint or HF folder) as llama.cpp runs it: exported to Q4_0 GGUF and
-    read back into an HF folder by transformers. Returns the folder and the GGUF's bytes."""
+def deployed(source: Path, work: Path, embedding_quant: str = "q8_0") -> tuple[Path, int]:
+    """``source`` (a checkpoint or HF folder) as llama.cpp runs it: exported to Q4_0 GGUF (the
+    embedding as ``embedding_quant``) and read back into an HF folder by transformers. Returns
+    the folder and the GGUF's bytes."""
     gguf_file = work / "model-q4_0.gguf"
     if not gguf_file.is_file():
         run_logged(
@@ -141,6 +158,8 @@ def deployed(source: Path, work: Path) -> tuple[Path, int]:
                 "gguf",
                 "--quant",
                 "q4_0",
+                "--embedding-quant",
+                embedding_quant,
                 "--out",
                 str(gguf_file),
             ),
@@ -161,7 +180,7 @@ def train(args, arm: str, order: int, common: list[str], cache: Path) -> tuple[P
         "epochs=1",
         f"max_steps_per_epoch={args.steps}",
         f"save_every_n_steps={args.steps}",
-        f"quantizer={QUANTIZER}",
+        f"quantizer={quantizer(args.embedding_quant)}",
         "fake_quant_after_n_steps=0",
     ]
     if args.lr is not None:
@@ -332,7 +351,9 @@ def score(
     return scores
 
 
-def summary(rows: list[dict], orders: list[int], gguf_bytes: int, params: int) -> str:
+def summary(
+    rows: list[dict], orders: list[int], gguf_bytes: int, params: int, embedding_quant: str
+) -> str:
     """Which metrics QAD wins in how many orders, and the file size."""
     wins = [
         f"{label} in {count}/{len(orders)} orders"
@@ -347,7 +368,8 @@ def summary(rows: list[dict], orders: list[int], gguf_bytes: int, params: int) -
         if (count := wins_over_qat_ce(rows, orders, metric)) is not None
     ]
     return (f"QAD beats QAT-CE on {', '.join(wins)}. " if wins else "") + (
-        f"Q4_0 GGUF {gguf_bytes / 1e6:.1f} MB = {gguf_bytes / (2 * params):.3f}x the bf16 "
+        f"Q4_0 GGUF (embedding {embedding_quant.upper()}) {gguf_bytes / 1e6:.1f} MB = "
+        f"{gguf_bytes / (2 * params):.3f}x the bf16 "
         f"weights ({2 * params / 1e6:.1f} MB, {params:,} parameters)."
     )
 
@@ -355,7 +377,9 @@ def summary(rows: list[dict], orders: list[int], gguf_bytes: int, params: int) -
 def write_results(args, rows: list[dict], gguf_bytes: int, params: int) -> None:
     """``metrics.jsonl`` (all rows) and ``results.md`` (table and summary)."""
     (args.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = f"{table(rows)}\n\n{summary(rows, args.orders, gguf_bytes, params)}"
+    text = (
+        f"{table(rows)}\n\n{summary(rows, args.orders, gguf_bytes, params, args.embedding_quant)}"
+    )
     (args.out / "results.md").write_text(text + "\n")
     print(f"\n{text}")
 
@@ -384,6 +408,8 @@ def rescore(args, sets: dict[str, DictConfig], teacher: Path, student: Path, par
             name = "teacher" if row["arm"] == "teacher" else f"{row['arm']}@{row['order']}"
             row.update(found[name])
     gguf_bytes = (args.out / "ptq" / "model-q4_0.gguf").stat().st_size
+    study = json.loads((args.out / "study.json").read_text())
+    args.embedding_quant = study.get("embedding_quant", "q8_0")  # as trained, not the flag
     write_results(args, rows, gguf_bytes, params)
     return 0
 
@@ -432,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_answers": f"{args.answers_per_prompt} per prompt x {len(ANSWER_PROMPTS)}",
         },
         "eval_records": args.eval_records,
+        "embedding_quant": args.embedding_quant,
     }
     rows: list[dict] = []
 
@@ -441,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             file.write(json.dumps(row) + "\n")
 
     (args.out / "metrics.jsonl").write_text("")
-    ptq_folder, gguf_bytes = deployed(student, args.out / "ptq")
+    ptq_folder, gguf_bytes = deployed(student, args.out / "ptq", args.embedding_quant)
     fixed = score(args, sets, teacher, {"start": student, "ptq": ptq_folder}, with_teacher=True)
     kl_start, kl_ptq = fixed["start"]["kl_to_teacher"], fixed["ptq"]["kl_to_teacher"]
     record({"arm": "teacher", "order": None, **fixed["teacher"]})
@@ -457,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms:
             run_dir, seconds = train(args, arm, order, common, cache)
             final = run_dir / CHECKPOINTS_DIRNAME / step_dirname(args.steps)
-            folder, arm_bytes = deployed(final, args.out / "deployed" / f"{arm}_order{order}")
+            folder, arm_bytes = deployed(
+                final, args.out / "deployed" / f"{arm}_order{order}", args.embedding_quant
+            )
             scores = score(args, sets, teacher, {arm: folder})[arm]
             record(
                 {

@@ -24,7 +24,6 @@ and a reader should hold the whole job in one place); every helper it calls live
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -523,4 +522,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(console.run_recipe_main(recipe_main))
+    console.exit_recipe(console.run_recipe_main(recipe_main))

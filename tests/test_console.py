@@ -117,3 +117,28 @@ def test_a_collective_timeout_is_explained_after_the_group_is_gone(monkeypatch):
     other = RuntimeError("shape mismatch")
     process_group.explain_timeout(other)
     assert not getattr(other, "__notes__", [])
+
+
+def test_exit_recipe_skips_the_teardown_only_after_a_torn_down_group(monkeypatch, tmp_path):
+    """One process: a normal ``sys.exit``. A torchrun worker whose group was destroyed:
+    ``os._exit`` with the same status, after flushing what it printed (checked in a child
+    process, as the teardown it skips is the interpreter's)."""
+    from kdtune.training import process_group
+
+    monkeypatch.setattr(process_group, "_started_group", False)
+    with pytest.raises(SystemExit) as exited:
+        console.exit_recipe(3)
+    assert exited.value.code == 3
+    script = (
+        "import atexit, sys\n"
+        "from kdtune.training import console, process_group\n"
+        "process_group._started_group = True  # as after init_distributed + teardown\n"
+        "atexit.register(lambda: print('interpreter teardown ran'))\n"
+        "print('written before exit', end='')\n"
+        "console.exit_recipe(5)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "written before exit"

@@ -119,6 +119,12 @@ def init_distributed(
     return rank, world_size, device
 
 
+def group_was_torn_down() -> bool:
+    """True when this process started a multi-process group and it has been destroyed since
+    (:func:`teardown`): nothing of torch.distributed is left for the process to finish."""
+    return _started_group and not dist.is_initialized()
+
+
 def explain_timeout(error: BaseException) -> None:
     """Add a note to a collective's timeout error (gloo: "Timed out waiting ...ms") saying
     what it means and which key sets it. Works after the group was torn down too (the recipe

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torchtune.models.llama3 import llama3, lora_llama3
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from kdtune.training import metrics, parallel, process_group
+from kdtune.training import console, metrics, parallel, process_group
 from kdtune.training.checkpoint import state_dicts
 
 VOCAB = 256
@@ -394,3 +394,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    console.exit_recipe(0)  # as the recipe ends: no interpreter teardown after the group

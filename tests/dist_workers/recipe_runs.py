@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from kdtune.recipes.knowledge_distillation import KDRecipe
-from kdtune.training import process_group
+from kdtune.training import console, process_group
 from kdtune.training.config.loading import load_config, resolve_config
 
 
@@ -76,3 +76,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    console.exit_recipe(0)  # as the recipe ends: no interpreter teardown after the group

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kdtune.teacher_cache.build import BuildOptions, build_teacher_cache
 from kdtune.teacher_cache.manifest import MANIFEST
-from kdtune.training import process_group
+from kdtune.training import console, process_group
 from kdtune.training.config.loading import load_config, resolve_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,3 +44,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    console.exit_recipe(0)  # as the recipe ends: no interpreter teardown after the group
