@@ -37,7 +37,7 @@ from tqdm import tqdm
 from kdtune import __version__
 from kdtune.quantization import qat
 from kdtune.teacher_cache import source as teacher_cache
-from kdtune.training import console, parallel, process_group, run_lock
+from kdtune.training import console, host_memory, parallel, process_group, run_lock
 from kdtune.training.adapters import freeze_all_but_adapters
 from kdtune.training.checkpoint import fingerprints, resume, save, state_dicts
 from kdtune.training.config.nodes import kd_vocab_columns
@@ -322,9 +322,16 @@ class KDRecipe(FTRecipeInterface):
                     num_tokens,
                     **model_inputs(batch),
                 )
+            self._release_host_memory()  # the forward's freed pages (training.host_memory)
             part.loss.backward()
             parts.append(MicroBatchLoss(part.loss.detach(), part.ce, part.kd))
         return StepLosses.summed(parts, num_tokens)
+
+    def _release_host_memory(self) -> None:
+        """On CPU, give the heap's free pages back to the system (lower peak resident memory;
+        :mod:`kdtune.training.host_memory`). Device memory is the caching allocator's."""
+        if self._runtime.device.type == "cpu":
+            host_memory.release_free_heap()
 
     def _stop_requested(self) -> bool:
         stop = self._cfg.stop_after_steps
@@ -393,6 +400,7 @@ class KDRecipe(FTRecipeInterface):
             message = self._guard.no_target_step(self.global_step + 1)
             if self._runtime.is_main:
                 log.warning(message)
+        self._release_host_memory()  # the backward's, before the optimizer's state grows
         grad_norm, lr, skipped = optimizer_step(
             self._student,
             self._optimizer,
