@@ -3,7 +3,7 @@
 The student is SmolLM2-135M-Instruct itself (``--student``: any Llama HF folder, e.g. a pruned
 one whose widths are multiples of 32) deployed as llama.cpp ``Q4_0`` (blocks of 32 weights, the
 embedding and tied head ``Q8_0``, as ``llama-quantize`` and ``kdtune export --quant q4_0`` keep
-them). Arms, per data order (``--orders``), same records, order, steps and optimizer:
+them; ``--embedding-quant q4_0``: Q4_0 too, trained and exported so). Arms, per data order (``--orders``), same records, order, steps and optimizer:
 
 - ``ptq``: no training; the student's weights exported to Q4_0;
 - ``qat_ce``: training with the GGUF Q4_0 fake quantiser
